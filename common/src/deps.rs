@@ -89,3 +89,62 @@ pub fn nats_connected(client: &async_nats::Client) -> Result<(), String> {
         other => Err(other.to_string()),
     }
 }
+
+/// Keeps a Redis pub/sub subscription to `channel` alive until `shutdown`,
+/// reconnecting with jittered backoff, and calls `on_message` with each
+/// payload. `on_reconnect` runs after every (re)subscription, so callers can
+/// resynchronise what they may have missed while disconnected.
+pub async fn subscribe_forever(
+    client: redis::Client,
+    channel: &'static str,
+    shutdown: tokio_util::sync::CancellationToken,
+    on_message: impl Fn(String) + Send + Sync,
+    on_reconnect: impl Fn() + Send + Sync,
+) {
+    use futures_util::StreamExt;
+    let mut attempt: u32 = 0;
+    loop {
+        let session = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let res = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = session => r,
+        };
+        match res {
+            Ok(mut pubsub) => {
+                attempt = 0;
+                tracing::debug!(channel, "subscribed");
+                on_reconnect();
+                let mut stream = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        msg = stream.next() => match msg {
+                            Some(msg) => {
+                                if let Ok(payload) = msg.get_payload::<String>() {
+                                    on_message(payload);
+                                }
+                            }
+                            None => break,
+                        },
+                    }
+                }
+                tracing::warn!(channel, "redis subscription lost; reconnecting");
+            }
+            Err(e) => {
+                if attempt == 0 {
+                    tracing::warn!(channel, error = %e, "redis subscription failed; retrying");
+                }
+            }
+        }
+        attempt = attempt.saturating_add(1);
+        let delay = Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6)).min(2000) + jitter_ms(100));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}

@@ -8,6 +8,7 @@ pub mod deps;
 pub mod health;
 pub mod names;
 pub mod reload;
+pub mod scripts;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;

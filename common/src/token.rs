@@ -180,6 +180,11 @@ pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+/// Unix nanoseconds now.
+pub fn unix_now_nanos() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
 /// A random token id (128 bits, hex).
 pub fn new_token_id() -> String {
     let nonce = Aes256Gcm::generate_nonce(&mut OsRng);

@@ -1,1 +1,236 @@
+//! The edge plane: terminates browser WebSockets, authenticates them, holds
+//! their exclusive sessions and routes in Redis, accepts events from routers
+//! over gRPC and fans them out to local sockets.
 #![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod catchup;
+pub mod delivery;
+pub mod http;
+pub mod hub;
+pub mod metrics;
+pub mod presence;
+pub mod protocol;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use daisi_common::config::Config;
+use daisi_common::{deps, health};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Auth;
+use crate::hub::Hub;
+use crate::metrics::EdgeMetrics;
+use crate::presence::Presence;
+
+/// Errors starting an edge.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Deps(#[from] deps::DepsError),
+    #[error("auth keys: {0}")]
+    Keys(#[from] daisi_common::token::TokenError),
+    #[error("server.pod_id `{0}` must be 1-253 characters of [A-Za-z0-9._-]")]
+    PodId(String),
+}
+
+/// Everything a connection or request handler needs.
+pub struct EdgeState {
+    pub config: watch::Receiver<Arc<Config>>,
+    pub auth: Auth,
+    pub hub: Hub,
+    pub presence: Arc<Presence>,
+    pub metrics: Arc<EdgeMetrics>,
+    pub jetstream: async_nats::jetstream::Context,
+    pub connections: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl EdgeState {
+    /// The current configuration.
+    pub fn cfg(&self) -> Arc<Config> {
+        self.config.borrow().clone()
+    }
+}
+
+/// A running edge.
+pub struct Edge {
+    pub http_addr: SocketAddr,
+    pub grpc_addr: SocketAddr,
+    pub pod_id: String,
+    pub state: Arc<EdgeState>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Edge {
+    /// Waits until the edge has shut down (after the shutdown token fired).
+    pub async fn wait(self) {
+        let _ = self.done.await;
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "edge".to_string())
+}
+
+fn valid_pod_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 253
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Starts an edge: binds its HTTP and gRPC listeners, connects to Redis and
+/// NATS (in the background if they are down), and serves until `shutdown`.
+pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<Edge, EdgeError> {
+    let cfg = config.borrow().clone();
+    let pod_id = if cfg.server.pod_id.is_empty() { hostname() } else { cfg.server.pod_id.clone() };
+    if !valid_pod_id(&pod_id) {
+        return Err(EdgeError::PodId(pod_id));
+    }
+    let bind = |port: u16| format!("{}:{}", cfg.server.bind_address, port);
+    let http_listener = TcpListener::bind(bind(cfg.server.http_port)).await.map_err(|source| EdgeError::Bind {
+        what: "HTTP",
+        addr: bind(cfg.server.http_port),
+        source,
+    })?;
+    let grpc_listener = TcpListener::bind(bind(cfg.server.grpc_port)).await.map_err(|source| EdgeError::Bind {
+        what: "gRPC",
+        addr: bind(cfg.server.grpc_port),
+        source,
+    })?;
+    let http_addr = http_listener.local_addr().map_err(|source| EdgeError::Bind {
+        what: "HTTP",
+        addr: bind(cfg.server.http_port),
+        source,
+    })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| EdgeError::Bind {
+        what: "gRPC",
+        addr: bind(cfg.server.grpc_port),
+        source,
+    })?;
+    let advertise = if cfg.server.grpc_advertise_addr.is_empty() {
+        let host = if grpc_addr.ip().is_unspecified() { hostname() } else { grpc_addr.ip().to_string() };
+        format!("{host}:{}", grpc_addr.port())
+    } else {
+        cfg.server.grpc_advertise_addr.clone()
+    };
+
+    let redis_client = deps::redis_client(&cfg.redis)?;
+    let redis = deps::redis_manager(redis_client.clone())?;
+    let nats = deps::nats_client(&cfg.nats, &format!("daisi-edge {pod_id}")).await?;
+    let jetstream = async_nats::jetstream::new(nats.clone());
+    let metrics = Arc::new(EdgeMetrics::new());
+    let presence = Presence::new(pod_id.clone(), advertise.clone(), redis.clone(), config.clone(), shutdown.clone());
+    presence.spawn_background(redis_client, shutdown.clone());
+
+    let state = Arc::new(EdgeState {
+        auth: Auth::new(&cfg.auth)?,
+        hub: Hub::new(metrics.clone()),
+        presence,
+        metrics,
+        jetstream,
+        connections: Arc::new(Semaphore::new(cfg.server.max_connections as usize)),
+        shutdown: shutdown.clone(),
+        tracker: TaskTracker::new(),
+        config,
+    });
+    spawn_reload_watcher(state.clone());
+
+    let checks = vec![
+        health::Check::critical("redis", {
+            let redis = redis.clone();
+            move || {
+                let redis = redis.clone();
+                Box::pin(async move { deps::redis_ping(&redis).await })
+            }
+        }),
+        health::Check::critical("nats", {
+            let nats = nats.clone();
+            move || {
+                let r = deps::nats_connected(&nats);
+                Box::pin(async move { r })
+            }
+        }),
+        health::Check::critical("registration", {
+            let redis = redis.clone();
+            let key = daisi_common::names::edge_key(&pod_id);
+            move || {
+                let mut redis = redis.clone();
+                let key = key.clone();
+                Box::pin(async move {
+                    let exists: bool =
+                        redis::cmd("EXISTS").arg(&key).query_async(&mut redis).await.map_err(|e| e.to_string())?;
+                    if exists { Ok(()) } else { Err(format!("{key} is not registered")) }
+                })
+            }
+        }),
+    ];
+    let app = http::router(state.clone()).merge(health::router(checks));
+    let http_task = {
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let serve = axum::serve(http_listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(async move { stop.cancelled().await });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        })
+    };
+    let grpc_task = tokio::spawn(delivery::serve(grpc_listener, state.clone()));
+
+    tracing::info!(%http_addr, %grpc_addr, %advertise, %pod_id, "edge listening");
+    let done = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            drain(&state).await;
+            let _ = http_task.await;
+            let _ = grpc_task.await;
+        })
+    };
+    Ok(Edge { http_addr, grpc_addr, pod_id, state, done })
+}
+
+/// Graceful drain: sockets are closed with 1001 (each socket's task sees the
+/// shutdown token), then the edge's registration and routes are removed.
+async fn drain(state: &Arc<EdgeState>) {
+    state.tracker.close();
+    let window = Duration::from_secs(state.cfg().server.drain_window_seconds.max(1) + 5);
+    if tokio::time::timeout(window, state.tracker.wait()).await.is_err() {
+        tracing::warn!("some sockets did not close within the drain window");
+    }
+    state.presence.deregister().await;
+    tracing::info!("edge drained");
+}
+
+/// Applies reloaded `auth.*` to the token keys and API keys.
+fn spawn_reload_watcher(state: Arc<EdgeState>) {
+    let mut rx = state.config.clone();
+    tokio::spawn(async move {
+        while rx.changed().await.is_ok() {
+            let cfg = rx.borrow_and_update().clone();
+            if let Err(e) = state.auth.reload(&cfg.auth) {
+                tracing::error!(error = %e, "reloaded auth keys rejected; keeping the previous ones");
+            }
+        }
+    });
+}

@@ -317,3 +317,37 @@ mod tests {
         assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
     }
 }
+
+pub mod ws;
+
+/// A configuration for tests: both servers, free ports on 127.0.0.1, test
+/// secrets, short refresh intervals, unique stream and consumer names.
+pub fn test_config(nats: &NatsServer, redis: &RedisServer) -> daisi_common::Config {
+    use daisi_common::Secret;
+    let mut c = daisi_common::Config::default();
+    c.server.bind_address = "127.0.0.1".into();
+    c.server.http_port = 0;
+    c.server.grpc_port = 0;
+    c.server.pod_id = unique("edge").replace('_', "-");
+    c.router.bind_address = "127.0.0.1".into();
+    c.router.http_port = 0;
+    c.nats.url = nats.url();
+    c.nats.stream_name = unique("stream");
+    c.nats.consumer_name = unique("consumer");
+    c.redis.address = redis.address();
+    c.auth.secret_token = Secret::new(API_KEY);
+    c.auth.admin_secret_token = Secret::new(ADMIN_API_KEY);
+    c.auth.token_aes_key = Secret::new(USER_AES_KEY);
+    c.auth.admin_token_aes_key = Secret::new(ADMIN_AES_KEY);
+    c.auth.internal_token = Secret::new(INTERNAL_TOKEN);
+    c.app.session_ttl_seconds = 5;
+    c.app.ttl_refresh_interval_seconds = 1;
+    c.app.session_takeover_wait_ms = 2000;
+    c.adaptive_ttl.message_route.min_ttl_seconds = 10;
+    c.adaptive_ttl.message_route.max_ttl_seconds = 20;
+    c.adaptive_ttl.message_route.activity_threshold_seconds = 10;
+    c.app.route_ttl_seconds = 10;
+    c.router.nak_delay_ms = 200;
+    c.server.drain_window_seconds = 1;
+    c
+}

@@ -1,0 +1,199 @@
+//! Authentication: API keys (constant time), user and admin tokens with
+//! their own keys, and a bounded cache of validated tokens that never
+//! outlives a token's expiry. Rebuilt on config reload (key rotation).
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use daisi_common::config::AuthConfig;
+use daisi_common::token::{AdminClaims, Claims, TokenError, TokenKeys, UserClaims, unix_now};
+use dashmap::DashMap;
+
+/// Which API key a request must carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    User,
+    Admin,
+}
+
+/// Keys derived from one version of `auth.*`.
+struct Keys {
+    api_key: daisi_common::Secret,
+    admin_api_key: daisi_common::Secret,
+    user: TokenKeys,
+    admin: TokenKeys,
+}
+
+#[derive(Clone)]
+enum Cached {
+    User(Arc<UserClaims>),
+    Admin(Arc<AdminClaims>),
+}
+
+/// Token and API key checks for one edge.
+pub struct Auth {
+    keys: RwLock<Arc<Keys>>,
+    cache: DashMap<Box<str>, (Cached, Instant)>,
+    cache_ttl: RwLock<(Duration, usize)>,
+}
+
+impl Auth {
+    /// Builds from validated config (keys are known to be well formed).
+    pub fn new(config: &AuthConfig) -> Result<Self, TokenError> {
+        Ok(Self {
+            keys: RwLock::new(Arc::new(Self::keys(config)?)),
+            cache: DashMap::new(),
+            cache_ttl: RwLock::new(Self::cache_limits(config)),
+        })
+    }
+
+    fn cache_limits(config: &AuthConfig) -> (Duration, usize) {
+        (Duration::from_secs(config.token_cache_ttl_seconds), config.token_cache_max_entries as usize)
+    }
+
+    fn keys(config: &AuthConfig) -> Result<Keys, TokenError> {
+        Ok(Keys {
+            api_key: config.secret_token.clone(),
+            admin_api_key: config.admin_secret_token.clone(),
+            user: TokenKeys::new(&config.token_aes_key, &config.previous_token_aes_keys)?,
+            admin: TokenKeys::new(&config.admin_token_aes_key, &config.previous_admin_token_aes_keys)?,
+        })
+    }
+
+    /// Applies reloaded `auth.*`; clears the cache, so tokens sealed with a
+    /// key that is no longer accepted stop working at once.
+    pub fn reload(&self, config: &AuthConfig) -> Result<(), TokenError> {
+        let keys = Arc::new(Self::keys(config)?);
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        *self.cache_ttl.write().unwrap_or_else(|p| p.into_inner()) = Self::cache_limits(config);
+        self.cache.clear();
+        Ok(())
+    }
+
+    fn current(&self) -> Arc<Keys> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether `candidate` is the API key of `kind` (constant time).
+    pub fn api_key_ok(&self, kind: KeyKind, candidate: &str) -> bool {
+        let keys = self.current();
+        match kind {
+            KeyKind::User => keys.api_key.matches(candidate),
+            KeyKind::Admin => keys.admin_api_key.matches(candidate),
+        }
+    }
+
+    /// Seals user claims with the current user key.
+    pub fn seal_user(&self, claims: &UserClaims) -> Result<String, TokenError> {
+        self.current().user.seal(claims)
+    }
+
+    /// Seals admin claims with the current admin key.
+    pub fn seal_admin(&self, claims: &AdminClaims) -> Result<String, TokenError> {
+        self.current().admin.seal(claims)
+    }
+
+    /// Validates a user token (cached).
+    pub fn user_token(&self, token: &str) -> Result<Arc<UserClaims>, TokenError> {
+        if let Some(Cached::User(c)) = self.cached(token) {
+            return Ok(c);
+        }
+        let claims = Arc::new(self.current().user.open::<UserClaims>(token, unix_now())?);
+        self.remember(token, Cached::User(claims.clone()), claims.expires_at());
+        Ok(claims)
+    }
+
+    /// Validates an admin token (cached).
+    pub fn admin_token(&self, token: &str) -> Result<Arc<AdminClaims>, TokenError> {
+        if let Some(Cached::Admin(c)) = self.cached(token) {
+            return Ok(c);
+        }
+        let claims = Arc::new(self.current().admin.open::<AdminClaims>(token, unix_now())?);
+        self.remember(token, Cached::Admin(claims.clone()), claims.expires_at());
+        Ok(claims)
+    }
+
+    fn cached(&self, token: &str) -> Option<Cached> {
+        let hit = self.cache.get(token)?;
+        if hit.1 > Instant::now() {
+            return Some(hit.0.clone());
+        }
+        drop(hit);
+        self.cache.remove(token);
+        None
+    }
+
+    fn remember(&self, token: &str, claims: Cached, expires_at: u64) {
+        let (ttl, max) = *self.cache_ttl.read().unwrap_or_else(|p| p.into_inner());
+        if ttl.is_zero() || max == 0 {
+            return;
+        }
+        let left = Duration::from_secs(expires_at.saturating_sub(unix_now()));
+        let until = Instant::now() + ttl.min(left);
+        if self.cache.len() >= max {
+            let now = Instant::now();
+            self.cache.retain(|_, (_, t)| *t > now);
+            if self.cache.len() >= max {
+                // Still full of live entries: start over rather than grow.
+                self.cache.clear();
+            }
+        }
+        self.cache.insert(token.into(), (claims, until));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use daisi_common::Secret;
+    use daisi_common::token::new_token_id;
+
+    fn config(user_key: u8, previous: &[u8]) -> AuthConfig {
+        AuthConfig {
+            secret_token: Secret::new("k"),
+            admin_secret_token: Secret::new("ak"),
+            token_aes_key: Secret::new(format!("{user_key:064x}")),
+            admin_token_aes_key: Secret::new(format!("{:064x}", 200)),
+            previous_token_aes_keys: previous.iter().map(|k| Secret::new(format!("{k:064x}"))).collect(),
+            ..AuthConfig::default()
+        }
+    }
+
+    fn claims(expires_at: u64) -> UserClaims {
+        UserClaims {
+            company_id: "c".into(),
+            agent_id: "a".into(),
+            user_id: "u".into(),
+            expires_at,
+            token_id: new_token_id(),
+        }
+    }
+
+    #[test]
+    fn api_keys_by_kind() {
+        let auth = Auth::new(&config(1, &[])).unwrap();
+        assert!(auth.api_key_ok(KeyKind::User, "k"));
+        assert!(!auth.api_key_ok(KeyKind::User, "ak"));
+        assert!(auth.api_key_ok(KeyKind::Admin, "ak"));
+    }
+
+    #[test]
+    fn rotation_drops_cached_tokens_of_removed_keys() {
+        let auth = Auth::new(&config(1, &[])).unwrap();
+        let t = auth.seal_user(&claims(unix_now() + 60)).unwrap();
+        assert!(auth.user_token(&t).is_ok());
+        // Rotate with the old key kept as previous: still valid.
+        auth.reload(&config(2, &[1])).unwrap();
+        assert!(auth.user_token(&t).is_ok());
+        // Drop the old key: refused even though it was cached.
+        auth.reload(&config(2, &[])).unwrap();
+        assert_eq!(auth.user_token(&t).unwrap_err(), TokenError::Undecryptable);
+    }
+
+    #[test]
+    fn user_token_is_not_admin_token() {
+        let auth = Auth::new(&config(1, &[])).unwrap();
+        let t = auth.seal_user(&claims(unix_now() + 60)).unwrap();
+        assert!(auth.admin_token(&t).is_err());
+    }
+}

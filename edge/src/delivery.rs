@@ -1,0 +1,139 @@
+//! The `EdgeDelivery` gRPC server: routers push batches of events here; each
+//! is deduplicated by (subject, seq), handed to the hub, and the batch acked.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use daisi_proto::INTERNAL_TOKEN_HEADER;
+use daisi_proto::delivery::edge_delivery_server::{EdgeDelivery, EdgeDeliveryServer};
+use daisi_proto::delivery::{BatchAck, EventBatch};
+use dashmap::DashMap;
+use futures_util::{Stream, StreamExt};
+use metrics::counter;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::EdgeState;
+use crate::hub::PublishError;
+
+/// How many recent sequences are remembered per subject.
+const RECENT_PER_SUBJECT: usize = 256;
+/// A subject idle this long is forgotten by the deduplicator.
+const RECENT_IDLE: Duration = Duration::from_secs(600);
+
+/// Recently delivered sequences per subject.
+#[derive(Default)]
+pub struct Dedup {
+    recent: DashMap<Box<str>, (VecDeque<u64>, Instant)>,
+}
+
+impl Dedup {
+    /// Records (subject, seq); false if it was seen recently (a duplicate).
+    pub fn first_time(&self, subject: &str, seq: u64) -> bool {
+        let mut entry = self.recent.entry(subject.into()).or_insert_with(|| (VecDeque::new(), Instant::now()));
+        let (seqs, seen) = &mut *entry;
+        *seen = Instant::now();
+        if seqs.contains(&seq) {
+            return false;
+        }
+        if seqs.len() >= RECENT_PER_SUBJECT {
+            seqs.pop_front();
+        }
+        seqs.push_back(seq);
+        true
+    }
+
+    /// Forgets subjects not seen for a while.
+    pub fn sweep(&self) {
+        self.recent.retain(|_, (_, seen)| seen.elapsed() < RECENT_IDLE);
+    }
+}
+
+struct Delivery {
+    state: Arc<EdgeState>,
+    dedup: Arc<Dedup>,
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<BatchAck, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EdgeDelivery for Delivery {
+    type DeliverStream = AckStream;
+
+    async fn deliver(&self, request: Request<Streaming<EventBatch>>) -> Result<Response<AckStream>, Status> {
+        let token = request.metadata().get(INTERNAL_TOKEN_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+        if !self.state.cfg().auth.internal_token.matches(token) {
+            counter!("dws_grpc_refused_total", "reason" => "internal_token").increment(1);
+            return Err(Status::unauthenticated("missing or wrong internal token"));
+        }
+        let state = self.state.clone();
+        let dedup = self.dedup.clone();
+        let acks = request.into_inner().map(move |batch| batch.map(|b| accept(&state, &dedup, b)));
+        Ok(Response::new(Box::pin(acks)))
+    }
+}
+
+fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
+    for event in &batch.events {
+        if !dedup.first_time(&event.subject, event.seq) {
+            counter!("dws_grpc_duplicates_total").increment(1);
+            continue;
+        }
+        match state.hub.publish(&event.subject, event.seq, event.published_unix_nanos, &event.payload) {
+            Ok(_) => {}
+            // Retrying cannot fix these: count them and accept the batch.
+            Err(PublishError::BadSubject(_)) | Err(PublishError::BadPayload) => {
+                counter!("dws_grpc_invalid_events_total").increment(1);
+                tracing::warn!(subject = %event.subject, seq = event.seq, "dropping invalid event from router");
+            }
+        }
+    }
+    counter!("dws_grpc_messages_received_total").increment(batch.events.len() as u64);
+    BatchAck { batch_id: batch.batch_id, accepted: true, error: String::new() }
+}
+
+/// Serves `EdgeDelivery` on `listener` until the edge shuts down.
+pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
+    let dedup = Arc::new(Dedup::default());
+    {
+        let dedup = dedup.clone();
+        let stop = state.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => dedup.sweep(),
+                }
+            }
+        });
+    }
+    let stop = state.shutdown.clone();
+    let svc = EdgeDeliveryServer::new(Delivery { state, dedup });
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(svc)
+        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_by_subject_and_seq() {
+        let d = Dedup::default();
+        assert!(d.first_time("a", 1));
+        assert!(!d.first_time("a", 1));
+        assert!(d.first_time("b", 1));
+        assert!(d.first_time("a", 2));
+    }
+}

@@ -1,0 +1,435 @@
+//! Local fan-out: which local sockets want which subject, and each socket's
+//! bounded outbound queue with its backpressure policy. An event is turned
+//! into its frame once; every socket gets a clone of the same bytes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use daisi_common::config::DropPolicy;
+use daisi_common::names::{self, Subject};
+use dashmap::DashMap;
+use tokio::sync::Notify;
+
+use crate::metrics::EdgeMetrics;
+use crate::protocol;
+
+/// One frame waiting for a socket, with the JetStream publish time of its
+/// event (unix nanoseconds, 0 = none) for the delivery-latency histogram.
+#[derive(Clone)]
+pub struct Outgoing {
+    pub frame: Utf8Bytes,
+    pub published_unix_nanos: i64,
+}
+
+/// Why the hub or another component wants a socket closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseRequest {
+    None = 0,
+    /// Another socket took the session: `SessionConflict`, 4402.
+    SessionTaken = 1,
+    /// The queue stayed full past the bounded wait under `block`: 1013.
+    TooSlow = 2,
+    /// The edge is shutting down or draining: 1001.
+    Shutdown = 3,
+}
+
+impl CloseRequest {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => CloseRequest::SessionTaken,
+            2 => CloseRequest::TooSlow,
+            3 => CloseRequest::Shutdown,
+            _ => CloseRequest::None,
+        }
+    }
+}
+
+/// Per-socket queue policy, fixed when the socket opens (config reloads
+/// apply to new sockets).
+#[derive(Debug, Clone, Copy)]
+pub struct QueuePolicy {
+    pub capacity: usize,
+    pub drop_policy: DropPolicy,
+    pub block_timeout: Duration,
+}
+
+/// The selected chat's gate: live events of the selected subject are held
+/// while the latest stored message is read, then only those newer than it pass.
+enum Gate {
+    None,
+    Pending { subject: Arc<str>, held: Vec<(u64, Outgoing)> },
+    Open { subject: Arc<str>, min_seq: u64 },
+}
+
+struct Queue {
+    items: VecDeque<Outgoing>,
+    /// When the queue went over capacity under `block`.
+    full_since: Option<Instant>,
+    gate: Gate,
+}
+
+/// The part of a socket that the hub and other components touch.
+pub struct SocketShared {
+    pub id: u64,
+    policy: QueuePolicy,
+    queue: Mutex<Queue>,
+    notify: Notify,
+    close: AtomicU8,
+    metrics: Arc<EdgeMetrics>,
+}
+
+impl SocketShared {
+    fn new(id: u64, policy: QueuePolicy, metrics: Arc<EdgeMetrics>) -> Self {
+        Self {
+            id,
+            policy,
+            queue: Mutex::new(Queue { items: VecDeque::new(), full_since: None, gate: Gate::None }),
+            notify: Notify::new(),
+            close: AtomicU8::new(0),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
+        // A panic while holding this lock cannot leave the queue inconsistent
+        // (every critical section is a few pushes/pops), so poison is ignored.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a frame under the socket's policy. Never waits.
+    pub fn offer(&self, out: Outgoing) {
+        let mut q = self.lock();
+        self.push_locked(&mut q, out);
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    fn push_locked(&self, q: &mut Queue, out: Outgoing) {
+        if q.items.len() >= self.policy.capacity {
+            match self.policy.drop_policy {
+                DropPolicy::DropOldest => {
+                    q.items.pop_front();
+                    self.metrics.dropped.increment(1);
+                    self.metrics.buffer_used.decrement(1.0);
+                }
+                DropPolicy::Block => {
+                    // Nothing is dropped: the queue may exceed its capacity
+                    // for at most `block_timeout`, then the socket is closed.
+                    let since = *q.full_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.policy.block_timeout {
+                        self.request_close(CloseRequest::TooSlow);
+                    }
+                }
+            }
+        }
+        q.items.push_back(out);
+        self.metrics.buffer_used.increment(1.0);
+    }
+
+    /// Offers an event of the socket's selected chat subject through the gate.
+    fn offer_selected(&self, subject: &str, seq: u64, out: Outgoing) {
+        let mut q = self.lock();
+        match &mut q.gate {
+            Gate::Pending { subject: s, held } if &**s == subject => {
+                held.push((seq, out));
+                return;
+            }
+            Gate::Open { subject: s, min_seq } if &**s == subject && seq <= *min_seq => return,
+            Gate::Open { subject: s, .. } | Gate::Pending { subject: s, .. } if &**s != subject => return,
+            _ => {}
+        }
+        self.push_locked(&mut q, out);
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Starts holding live events of `subject` (a newly selected chat).
+    pub fn gate_hold(&self, subject: Arc<str>) {
+        self.lock().gate = Gate::Pending { subject, held: Vec::new() };
+    }
+
+    /// Queues the latest stored message (seq `latest_seq`, if any) first, then
+    /// the held live events newer than it, and opens the gate.
+    pub fn gate_open(&self, subject: &Arc<str>, latest: Option<(u64, Outgoing)>) {
+        let mut q = self.lock();
+        let held = match std::mem::replace(&mut q.gate, Gate::None) {
+            Gate::Pending { subject: s, held } if s == *subject => held,
+            other => {
+                // Another select replaced this one meanwhile: leave it be.
+                q.gate = other;
+                return;
+            }
+        };
+        let min_seq = latest.as_ref().map(|(s, _)| *s).unwrap_or(0);
+        if let Some((_, out)) = latest {
+            self.push_locked(&mut q, out);
+        }
+        let mut held = held;
+        held.sort_by_key(|(s, _)| *s);
+        held.dedup_by_key(|(s, _)| *s);
+        for (seq, out) in held {
+            if seq > min_seq {
+                self.push_locked(&mut q, out);
+            }
+        }
+        q.gate = Gate::Open { subject: subject.clone(), min_seq };
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Takes the next queued frame.
+    pub fn pop(&self) -> Option<Outgoing> {
+        let mut q = self.lock();
+        let out = q.items.pop_front();
+        if out.is_some() {
+            self.metrics.buffer_used.decrement(1.0);
+        }
+        if q.items.len() < self.policy.capacity {
+            q.full_since = None;
+        }
+        out
+    }
+
+    /// Whether anything is queued.
+    pub fn has_pending(&self) -> bool {
+        !self.lock().items.is_empty()
+    }
+
+    /// When the socket must be closed as too slow if the queue stays over capacity.
+    pub fn block_deadline(&self) -> Option<Instant> {
+        self.lock().full_since.map(|t| t + self.policy.block_timeout)
+    }
+
+    /// Asks the socket's task to close (the first request wins).
+    pub fn request_close(&self, why: CloseRequest) {
+        if self.close.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The pending close request, if any.
+    pub fn close_requested(&self) -> CloseRequest {
+        CloseRequest::from_u8(self.close.load(Ordering::Acquire))
+    }
+
+    /// Resolves when something was queued or a close was requested.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// Frames still queued (for drop accounting when the socket ends).
+    fn clear(&self) {
+        let mut q = self.lock();
+        let n = q.items.len();
+        q.items.clear();
+        q.gate = Gate::None;
+        self.metrics.buffer_used.decrement(n as f64);
+    }
+}
+
+/// The subject index of one edge.
+pub struct Hub {
+    /// Subject (or admin scope key) → sockets, keyed by socket id. Sharded,
+    /// so fan-out of one subject never locks the others.
+    subs: DashMap<Box<str>, HashMap<u64, Arc<SocketShared>>>,
+    next_id: AtomicU64,
+    metrics: Arc<EdgeMetrics>,
+}
+
+/// Why an event could not be fanned out.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PublishError {
+    #[error("subject `{0}` is not an event subject")]
+    BadSubject(String),
+    #[error("payload is not JSON")]
+    BadPayload,
+}
+
+impl Hub {
+    pub fn new(metrics: Arc<EdgeMetrics>) -> Self {
+        Self { subs: DashMap::new(), next_id: AtomicU64::new(1), metrics }
+    }
+
+    /// A new socket's shared half, not yet subscribed to anything.
+    pub fn new_socket(&self, policy: QueuePolicy) -> Arc<SocketShared> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Arc::new(SocketShared::new(id, policy, self.metrics.clone()))
+    }
+
+    /// Subscribes a socket to a subject or admin scope key.
+    pub fn subscribe(&self, key: &str, socket: &Arc<SocketShared>) {
+        self.subs.entry(key.into()).or_default().insert(socket.id, socket.clone());
+    }
+
+    /// Unsubscribes; returns true when no local socket wants `key` any more.
+    pub fn unsubscribe(&self, key: &str, socket_id: u64) -> bool {
+        let emptied = match self.subs.get_mut(key) {
+            Some(mut set) => {
+                set.remove(&socket_id);
+                set.is_empty()
+            }
+            None => return true,
+        };
+        if emptied {
+            self.subs.remove_if(key, |_, set| set.is_empty());
+        }
+        emptied
+    }
+
+    /// Whether any local socket wants `key`.
+    pub fn has_subscribers(&self, key: &str) -> bool {
+        self.subs.get(key).is_some_and(|s| !s.is_empty())
+    }
+
+    /// Releases a closed socket's queue.
+    pub fn forget(&self, socket: &SocketShared) {
+        socket.clear();
+    }
+
+    /// Fans an event out to the local sockets that want it. Returns how many
+    /// sockets it was queued to.
+    pub fn publish(
+        &self,
+        subject: &str,
+        seq: u64,
+        published_unix_nanos: i64,
+        payload: &[u8],
+    ) -> Result<usize, PublishError> {
+        let parsed = Subject::parse(subject).ok_or_else(|| PublishError::BadSubject(subject.to_string()))?;
+        let frame = protocol::event_frame(subject, seq, payload).ok_or(PublishError::BadPayload)?;
+        let out = Outgoing { frame, published_unix_nanos };
+        let mut n = 0;
+        match parsed {
+            Subject::Chats { .. } => {
+                if let Some(set) = self.subs.get(subject) {
+                    for s in set.values() {
+                        s.offer(out.clone());
+                    }
+                    n += set.len();
+                }
+            }
+            Subject::Messages { .. } => {
+                if let Some(set) = self.subs.get(subject) {
+                    for s in set.values() {
+                        s.offer_selected(subject, seq, out.clone());
+                    }
+                    n += set.len();
+                }
+            }
+            Subject::Agents { company, agent } => {
+                for key in names::admin_route_keys(company, agent) {
+                    if let Some(set) = self.subs.get(key.as_str()) {
+                        for s in set.values() {
+                            s.offer(out.clone());
+                        }
+                        n += set.len();
+                    }
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub() -> Hub {
+        Hub::new(Arc::new(EdgeMetrics::new()))
+    }
+
+    fn policy(capacity: usize, drop_policy: DropPolicy) -> QueuePolicy {
+        QueuePolicy { capacity, drop_policy, block_timeout: Duration::from_millis(50) }
+    }
+
+    fn seqs(s: &SocketShared) -> Vec<u64> {
+        std::iter::from_fn(|| s.pop())
+            .map(|o| serde_json::from_str::<serde_json::Value>(o.frame.as_str()).unwrap()["seq"].as_u64().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn drop_oldest_keeps_newest() {
+        let hub = hub();
+        let s = hub.new_socket(policy(3, DropPolicy::DropOldest));
+        hub.subscribe("websocket.c.a.chats", &s);
+        for seq in 1..=5 {
+            assert_eq!(hub.publish("websocket.c.a.chats", seq, 0, b"{}").unwrap(), 1);
+        }
+        assert_eq!(seqs(&s), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn block_keeps_everything_then_asks_to_close() {
+        let hub = hub();
+        let s = hub.new_socket(policy(2, DropPolicy::Block));
+        hub.subscribe("websocket.c.a.chats", &s);
+        for seq in 1..=4 {
+            hub.publish("websocket.c.a.chats", seq, 0, b"{}").unwrap();
+        }
+        assert_eq!(s.close_requested(), CloseRequest::None);
+        std::thread::sleep(Duration::from_millis(60));
+        hub.publish("websocket.c.a.chats", 5, 0, b"{}").unwrap();
+        assert_eq!(s.close_requested(), CloseRequest::TooSlow);
+        assert_eq!(seqs(&s), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn gate_sends_latest_first_and_only_newer_live_events() {
+        let hub = hub();
+        let s = hub.new_socket(policy(100, DropPolicy::DropOldest));
+        let subject: Arc<str> = "websocket.c.a.messages.x".into();
+        s.gate_hold(subject.clone());
+        hub.subscribe(&subject, &s);
+        // Live events racing with the latest read: 9 is older than latest (10).
+        for seq in [12, 9, 11, 12] {
+            hub.publish(&subject, seq, 0, b"{}").unwrap();
+        }
+        let latest = protocol::event_frame(&subject, 10, b"{}").unwrap();
+        s.gate_open(&subject, Some((10, Outgoing { frame: latest, published_unix_nanos: 0 })));
+        hub.publish(&subject, 10, 0, b"{}").unwrap();
+        hub.publish(&subject, 13, 0, b"{}").unwrap();
+        assert_eq!(seqs(&s), vec![10, 11, 12, 13]);
+    }
+
+    #[test]
+    fn admin_scopes() {
+        let hub = hub();
+        let all = hub.new_socket(policy(10, DropPolicy::DropOldest));
+        let c1 = hub.new_socket(policy(10, DropPolicy::DropOldest));
+        let c1a2 = hub.new_socket(policy(10, DropPolicy::DropOldest));
+        hub.subscribe(&names::admin_route_key(None, None), &all);
+        hub.subscribe(&names::admin_route_key(Some("c1"), None), &c1);
+        hub.subscribe(&names::admin_route_key(Some("c1"), Some("a2")), &c1a2);
+        assert_eq!(hub.publish("websocket.c1.a1.agents", 1, 0, b"{}").unwrap(), 2);
+        assert_eq!(hub.publish("websocket.c1.a2.agents", 2, 0, b"{}").unwrap(), 3);
+        assert_eq!(hub.publish("websocket.c2.a2.agents", 3, 0, b"{}").unwrap(), 1);
+        assert_eq!(seqs(&all), vec![1, 2, 3]);
+        assert_eq!(seqs(&c1), vec![1, 2]);
+        assert_eq!(seqs(&c1a2), vec![2]);
+    }
+
+    #[test]
+    fn bad_events_are_refused() {
+        let hub = hub();
+        assert!(matches!(hub.publish("nope", 1, 0, b"{}"), Err(PublishError::BadSubject(_))));
+        assert_eq!(hub.publish("websocket.c.a.chats", 1, 0, b"{"), Err(PublishError::BadPayload));
+    }
+
+    #[test]
+    fn unsubscribe_reports_last_leaver() {
+        let hub = hub();
+        let a = hub.new_socket(policy(1, DropPolicy::DropOldest));
+        let b = hub.new_socket(policy(1, DropPolicy::DropOldest));
+        hub.subscribe("k", &a);
+        hub.subscribe("k", &b);
+        assert!(!hub.unsubscribe("k", a.id));
+        assert!(hub.unsubscribe("k", b.id));
+        assert!(!hub.has_subscribers("k"));
+    }
+}

@@ -1,0 +1,49 @@
+//! The edge's metric handles, registered once so hot paths skip the registry lookup.
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+/// Handles to every edge metric (names from SPEC §8).
+pub struct EdgeMetrics {
+    pub active_user: Gauge,
+    pub active_admin: Gauge,
+    pub connection_duration: Histogram,
+    pub messages_sent: Counter,
+    pub messages_received: Counter,
+    pub auth_success: Counter,
+    pub buffer_used: Gauge,
+    pub dropped: Counter,
+    pub delivery_latency: Histogram,
+    pub refused_full: Counter,
+    pub closed_slow: Counter,
+}
+
+impl EdgeMetrics {
+    pub fn new() -> Self {
+        // Make sure the recorder exists before handles are taken.
+        let _ = daisi_common::telemetry::metrics_handle();
+        Self {
+            active_user: gauge!("dws_active_connections", "kind" => "user"),
+            active_admin: gauge!("dws_active_connections", "kind" => "admin"),
+            connection_duration: histogram!("dws_connection_duration_seconds"),
+            messages_sent: counter!("dws_messages_sent_total"),
+            messages_received: counter!("dws_messages_received_total"),
+            auth_success: counter!("dws_auth_success_total"),
+            buffer_used: gauge!("dws_websocket_buffer_used_count"),
+            dropped: counter!("dws_websocket_messages_dropped_total"),
+            delivery_latency: histogram!("dws_delivery_latency_seconds"),
+            refused_full: counter!("dws_connections_refused_total", "reason" => "edge_full"),
+            closed_slow: counter!("dws_connections_closed_slow_total"),
+        }
+    }
+
+    /// `dws_auth_failure_total{reason}`.
+    pub fn auth_failure(&self, reason: &'static str) {
+        counter!("dws_auth_failure_total", "reason" => reason).increment(1);
+    }
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
