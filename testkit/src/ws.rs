@@ -60,6 +60,21 @@ impl WsClient {
         Self { ws }
     }
 
+    /// Connects with a tiny TCP receive buffer, so a client that stops
+    /// reading makes the server's queue fill after a few frames (as a slow
+    /// browser on a bad network would).
+    pub async fn connect_slow_reader(url: &str) -> Self {
+        let addr = url.trim_start_matches("ws://").split('/').next().expect("host:port");
+        let addr: std::net::SocketAddr = addr.parse().expect("ip:port in the URL");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        let (ws, _) = tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap_or_else(|e| panic!("handshake {url}: {e}"));
+        Self { ws }
+    }
+
     /// Connects with an `X-API-Key` header instead of the query parameter.
     pub async fn connect_with_header(url: &str, api_key: &str) -> Self {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
