@@ -784,7 +784,8 @@ mod tests {
     #[test]
     fn bad_inputs_name_their_key() {
         let good = good_yaml();
-        let cases: Vec<(String, Vec<(&str, &str)>, Role, &str)> = vec![
+        type Case<'a> = (String, Vec<(&'a str, &'a str)>, Role, &'a str);
+        let cases: Vec<Case> = vec![
             (format!("{good}server:\n  htp_port: 1\n"), vec![], Role::Edge, "server.htp_port"),
             (format!("{good}bogus: 1\n"), vec![], Role::Edge, "bogus"),
             (format!("{good}server:\n  http_port: eighty\n"), vec![], Role::Edge, "server.http_port"),
@@ -833,6 +834,25 @@ mod tests {
             assert!(err.key.contains(key) || err.to_string().contains(key), "{key}: got {err}");
             assert!(!err.to_string().contains("user-key"), "secret leaked: {err}");
         }
+    }
+
+    #[test]
+    fn shipped_config_file_loads_with_secrets_from_env() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/config.yaml");
+        let env = [
+            ("DAISI_WS_AUTH_SECRET_TOKEN", "k"),
+            ("DAISI_WS_AUTH_ADMIN_SECRET_TOKEN", "ak"),
+            ("DAISI_WS_AUTH_INTERNAL_TOKEN", "i"),
+            ("DAISI_WS_AUTH_TOKEN_AES_KEY", KEY_A),
+            ("DAISI_WS_AUTH_ADMIN_TOKEN_AES_KEY", KEY_B),
+        ];
+        let source =
+            Source { path: Some(path), env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+        let c = Config::load(&source, Role::Edge).unwrap();
+        // The file states the defaults, so it equals the built-in ones but for secrets.
+        let mut expected = Config::default();
+        expected.auth = c.auth.clone();
+        assert_eq!(c, expected);
     }
 
     #[test]

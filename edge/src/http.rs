@@ -37,6 +37,26 @@ pub fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp
     (status, axum::Json(json!({"error": {"code": code, "message": message.into()}}))).into_response()
 }
 
+/// An error that becomes a JSON error response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.status, self.code, self.message)
+    }
+}
+
 async fn method_not_allowed() -> Response {
     error(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "use POST")
 }
@@ -64,14 +84,14 @@ struct AdminTokenRequest {
 }
 
 /// API key, content type, size and JSON shape, in that order.
-async fn read_request<T: DeserializeOwned>(state: &EdgeState, kind: KeyKind, req: Request) -> Result<T, Response> {
+async fn read_request<T: DeserializeOwned>(state: &EdgeState, kind: KeyKind, req: Request) -> Result<T, ApiError> {
     let key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()).unwrap_or("");
     if !state.auth.api_key_ok(kind, key) {
         state.metrics.auth_failure("invalid_api_key");
-        return Err(error(StatusCode::UNAUTHORIZED, "InvalidAPIKey", "missing or wrong X-API-Key"));
+        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "InvalidAPIKey", "missing or wrong X-API-Key"));
     }
     if !is_json(req.headers()) {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "UnsupportedMediaType",
             "Content-Type must be application/json",
@@ -79,10 +99,14 @@ async fn read_request<T: DeserializeOwned>(state: &EdgeState, kind: KeyKind, req
     }
     let body: Body = req.into_body();
     let bytes = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
-        error(StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", format!("body must be at most {MAX_BODY} bytes"))
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PayloadTooLarge",
+            format!("body must be at most {MAX_BODY} bytes"),
+        )
     })?;
     serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "BadRequest", format!("invalid body: {e}")))
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "BadRequest", format!("invalid body: {e}")))
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -93,19 +117,27 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
-fn check_id(field: &str, value: &str) -> Result<(), Response> {
+fn check_id(field: &str, value: &str) -> Result<(), ApiError> {
     if valid_id(value) {
         Ok(())
     } else {
-        Err(error(StatusCode::BAD_REQUEST, "BadRequest", format!("{field} must be 1-128 characters of [A-Za-z0-9_-]")))
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("{field} must be 1-128 characters of [A-Za-z0-9_-]"),
+        ))
     }
 }
 
-fn expiry(expires_in: u64) -> Result<u64, Response> {
+fn expiry(expires_in: u64) -> Result<u64, ApiError> {
     if (1..=MAX_EXPIRES_IN).contains(&expires_in) {
         Ok(unix_now() + expires_in)
     } else {
-        Err(error(StatusCode::BAD_REQUEST, "BadRequest", format!("expires_in_seconds must be 1..={MAX_EXPIRES_IN}")))
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            format!("expires_in_seconds must be 1..={MAX_EXPIRES_IN}"),
+        ))
     }
 }
 
@@ -133,9 +165,9 @@ async fn generate_user(State(state): State<Arc<EdgeState>>, req: Request) -> Res
             expires_at,
             token_id: new_token_id(),
         };
-        Ok::<_, Response>(issued(state.auth.seal_user(&claims), expires_at))
+        Ok::<_, ApiError>(issued(state.auth.seal_user(&claims), expires_at))
     };
-    result.await.unwrap_or_else(|r| r)
+    result.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn generate_admin(State(state): State<Arc<EdgeState>>, req: Request) -> Response {
@@ -160,7 +192,7 @@ async fn generate_admin(State(state): State<Arc<EdgeState>>, req: Request) -> Re
             subscribed_agent_id: body.subscribed_agent_id,
             company_id_restriction: body.company_id_restriction,
         };
-        Ok::<_, Response>(issued(state.auth.seal_admin(&claims), expires_at))
+        Ok::<_, ApiError>(issued(state.auth.seal_admin(&claims), expires_at))
     };
-    result.await.unwrap_or_else(|r| r)
+    result.await.unwrap_or_else(IntoResponse::into_response)
 }

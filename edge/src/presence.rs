@@ -268,7 +268,8 @@ impl Presence {
         }
     }
 
-    /// Adds this edge to a route key (first local socket) and waits until Redis has it.
+    /// Adds this edge to a route key (first local socket) and waits until Redis
+    /// has it. The local reference is kept even when this fails.
     pub async fn add_route(&self, key: &str, class: RouteClass) -> Result<(), RouteError> {
         let first = {
             let mut entry =
@@ -284,19 +285,13 @@ impl Presence {
         }
         let (tx, rx) = oneshot::channel();
         if self.ops.send(RouteOp::Add(key.to_string(), tx)).is_err() {
-            self.remove_route(key);
             return Err(RouteError("edge is shutting down".into()));
         }
+        // On failure the local reference stays: the refresh loop writes the
+        // membership once Redis answers. A caller giving up calls `remove_route`.
         match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                self.remove_route(key);
-                Err(e)
-            }
-            Err(_) => {
-                self.remove_route(key);
-                Err(RouteError("edge is shutting down".into()))
-            }
+            Ok(result) => result,
+            Err(_) => Err(RouteError("edge is shutting down".into())),
         }
     }
 

@@ -266,6 +266,7 @@ async fn serve(socket: WebSocket, state: Arc<EdgeState>, req: ConnectRequest, _p
         if let Err(e) = state.presence.add_route(&route_key, RouteClass::Plain).await {
             tracing::warn!(error = %e, "route registration failed");
             state.hub.unsubscribe(&hub_key, shared.id);
+            state.presence.remove_route(&route_key);
             state.presence.release(&session_key, &owner).await;
             state.hub.forget(&shared);
             return reject(socket, ErrorCode::SubscriptionFailure, "could not register routes").await;
@@ -515,35 +516,31 @@ impl Conn<'_> {
             });
         }
         let result = match text {
-            None => Err(("binary frames are not accepted".to_string(), ErrorCode::BadRequest)),
+            None => Err("binary frames are not accepted".to_string()),
             Some(text) => match protocol::parse_client(text) {
-                Err(protocol::BadRequest(m)) => Err((m, ErrorCode::BadRequest)),
+                Err(protocol::BadRequest(m)) => Err(m),
                 Ok(ClientMessage::SelectChat { chat_id }) => match self.identity {
                     Identity::User(claims) => {
                         let claims = claims.clone();
-                        Box::pin(self.select_chat(&claims, &chat_id)).await
+                        Box::pin(self.select_chat(&claims, &chat_id)).await;
+                        Ok(())
                     }
-                    Identity::Admin(_) => Err(("select_chat is for user sockets".to_string(), ErrorCode::BadRequest)),
+                    Identity::Admin(_) => Err("select_chat is for user sockets".to_string()),
                 },
             },
         };
         match result {
             Ok(()) => None,
-            Err((message, ErrorCode::BadRequest)) => {
+            Err(message) => {
                 let frame = protocol::error_frame(ErrorCode::BadRequest, &message, "");
                 tx.send(Message::Text(frame)).await.err().map(|_| End::Gone)
             }
-            Err((_, code)) => Some(End::Close {
-                code: code.close_code(),
-                error: Some((code, "could not subscribe")),
-                reason: "subscription failure",
-            }),
         }
     }
 
     /// Switches the selected chat: hold live events, register the route, send
     /// the latest stored message, then the held events newer than it.
-    async fn select_chat(&mut self, claims: &UserClaims, chat_id: &str) -> Result<(), (String, ErrorCode)> {
+    async fn select_chat(&mut self, claims: &UserClaims, chat_id: &str) {
         let subject: Arc<str> = names::messages_subject(&claims.company_id, &claims.agent_id, chat_id).into();
         let route = names::messages_route_key(&claims.company_id, &claims.agent_id, chat_id);
         let same = self.selected.as_ref().is_some_and(|(s, _)| *s == subject);
@@ -551,9 +548,9 @@ impl Conn<'_> {
         if !same {
             self.state.hub.subscribe(&subject, self.shared);
             if let Err(e) = self.state.presence.add_route(&route, RouteClass::Message).await {
-                tracing::warn!(error = %e, "chat route registration failed");
-                self.state.hub.unsubscribe(&subject, self.shared.id);
-                return Err((e.to_string(), ErrorCode::SubscriptionFailure));
+                // Kept locally; the refresh loop registers it once Redis answers
+                // (sockets stay usable through a Redis outage).
+                tracing::warn!(error = %e, "chat route not registered yet; will retry");
             }
             if let Some((old_subject, old_route)) = self.selected.replace((subject.clone(), route)) {
                 self.state.hub.unsubscribe(&old_subject, self.shared.id);
@@ -573,6 +570,5 @@ impl Conn<'_> {
                 .map(|frame| (l.seq, crate::hub::Outgoing { frame, published_unix_nanos: 0 }))
         });
         self.shared.gate_open(&subject, latest);
-        Ok(())
     }
 }

@@ -329,7 +329,8 @@ async fn token_endpoints_issue_tokens_and_reject_bad_requests() {
     a.expect_ready().await;
 
     let too_big = format!(r#"{{"company_id":"{}"}}"#, "a".repeat(20_000));
-    let cases: Vec<(&str, Vec<(&str, &str)>, String, u16, &str)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String, u16, &'a str);
+    let cases: Vec<Case> = vec![
         ("/generate-token", vec![json], body.into(), 401, "InvalidAPIKey"),
         ("/generate-token", vec![json, admin_key], body.into(), 401, "InvalidAPIKey"),
         ("/admin/generate-token", vec![json, user_key], admin_body.into(), 401, "InvalidAPIKey"),

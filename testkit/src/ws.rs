@@ -152,10 +152,10 @@ impl WsClient {
 
     /// Asserts nothing arrives for `quiet`.
     pub async fn expect_silence(&mut self, quiet: Duration) {
-        if let Ok(Some(Ok(msg))) = tokio::time::timeout(quiet, self.ws.next()).await {
-            if !matches!(msg, Message::Ping(_) | Message::Pong(_)) {
-                panic!("expected silence, got {msg:?}");
-            }
+        if let Ok(Some(Ok(msg))) = tokio::time::timeout(quiet, self.ws.next()).await
+            && !matches!(msg, Message::Ping(_) | Message::Pong(_))
+        {
+            panic!("expected silence, got {msg:?}");
         }
     }
 

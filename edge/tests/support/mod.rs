@@ -43,6 +43,12 @@ pub struct RunningEdge {
 
 impl RunningEdge {
     pub async fn start(cfg: Config) -> Self {
+        // `TEST_LOG=debug cargo test …` shows the edge's logs.
+        let level = std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into());
+        daisi_common::telemetry::init_tracing(&daisi_common::config::LogConfig {
+            format: daisi_common::config::LogFormat::Text,
+            level,
+        });
         let (tx, rx) = watch::channel(Arc::new(cfg));
         let stop = CancellationToken::new();
         let edge = daisi_edge::run(rx, stop.clone()).await.expect("edge starts");

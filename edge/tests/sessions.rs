@@ -1,0 +1,366 @@
+//! Exclusive sessions, kill-switch migration, the edge and route registries
+//! and Redis outages, with a real Redis and one or two edges (in-process, or
+//! the built binary when a test must kill an edge with SIGKILL).
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use daisi_testkit::ws::{WsClient, admin_token, user_token};
+use daisi_testkit::{eventually, free_port};
+use redis::aio::MultiplexedConnection;
+use support::{RunningEdge, Servers};
+
+const T: Duration = Duration::from_secs(10);
+
+async fn get(redis: &MultiplexedConnection, key: &str) -> Option<String> {
+    let mut r = redis.clone();
+    redis::cmd("GET").arg(key).query_async(&mut r).await.unwrap_or(None)
+}
+
+async fn route_members(redis: &MultiplexedConnection, key: &str) -> Vec<String> {
+    let mut r = redis.clone();
+    // Live members only: score (expiry, ms) in the future by Redis time.
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut r).await.unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    redis::cmd("ZRANGEBYSCORE").arg(key).arg(now_ms).arg("+inf").query_async(&mut r).await.unwrap_or_default()
+}
+
+#[tokio::test]
+async fn takeover_on_one_edge_closes_the_old_socket_with_4402() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let url = edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60));
+    let mut old = WsClient::connect(&url).await;
+    old.expect_ready().await;
+    let mut new = WsClient::connect(&url).await;
+    old.expect_error_then_close("SessionConflict", 4402).await;
+    new.expect_ready().await;
+    // The new socket owns the session and receives events.
+    edge.publish("websocket.c1.a1.chats", 1, "{}");
+    assert_eq!(new.event(T).await["seq"], 1);
+    let m = edge.metrics().await;
+    assert!(support::metric(&m, "dws_session_lock_success_total") >= 2.0, "{m}");
+}
+
+#[tokio::test]
+async fn takeover_across_edges() {
+    let s = Servers::start();
+    let e1 = RunningEdge::start(s.config()).await;
+    let mut cfg2 = s.config();
+    cfg2.server.pod_id = format!("{}-two", e1.edge.pod_id);
+    let e2 = RunningEdge::start(cfg2).await;
+    let token = user_token("c1", "a1", "u1", 60);
+    let mut old = WsClient::connect(&e1.user_url("c1", "a1", &token)).await;
+    old.expect_ready().await;
+    let mut new = WsClient::connect(&e2.user_url("c1", "a1", &token)).await;
+    old.expect_error_then_close("SessionConflict", 4402).await;
+    new.expect_ready().await;
+    let redis = s.redis_conn().await;
+    let owner = get(&redis, "session:c1:a1:u1").await.expect("lock held");
+    assert!(owner.starts_with(&format!("{}|", e2.edge.pod_id)), "owned by edge 2: {owner}");
+}
+
+#[tokio::test]
+async fn admin_sessions_are_exclusive_too() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let mut old = WsClient::connect(&edge.admin_url(&admin_token("ad1", None, None, None))).await;
+    old.expect_ready().await;
+    // Another token of the same admin (another scope even) takes the session.
+    let mut new = WsClient::connect(&edge.admin_url(&admin_token("ad1", Some("c1"), None, None))).await;
+    old.expect_error_then_close("SessionConflict", 4402).await;
+    new.expect_ready().await;
+    // A different admin is independent.
+    let mut other = WsClient::connect(&edge.admin_url(&admin_token("ad2", None, None, None))).await;
+    other.expect_ready().await;
+}
+
+#[tokio::test]
+async fn two_racing_takeovers_leave_exactly_one_winner() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let url = edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60));
+    let mut old = WsClient::connect(&url).await;
+    old.expect_ready().await;
+    let (mut a, mut b) = tokio::join!(WsClient::connect(&url), WsClient::connect(&url));
+    old.expect_error_then_close("SessionConflict", 4402).await;
+    let (ra, rb) = tokio::join!(a.json(T), b.json(T));
+    let ready = [&ra, &rb].iter().filter(|v| v["type"] == "ready").count();
+    assert_eq!(ready, 1, "exactly one winner: {ra} / {rb}");
+    let loser = if ra["type"] == "ready" { (&mut b, &rb) } else { (&mut a, &ra) };
+    assert_eq!(loser.1["payload"]["code"], "SessionConflict", "{}", loser.1);
+    loser.0.expect_close(4402).await;
+}
+
+#[tokio::test]
+async fn clean_close_releases_lock_and_route() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let redis = s.redis_conn().await;
+    let mut c = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    c.expect_ready().await;
+    c.select_chat("x").await;
+    eventually(T, "lock and routes registered", || async {
+        let lock = get(&redis, "session:c1:a1:u1").await?;
+        let chats = route_members(&redis, "route:c1:a1:chats").await;
+        let chat = route_members(&redis, "route:c1:a1:messages:x").await;
+        (lock.starts_with(&edge.edge.pod_id) && chats == [edge.edge.pod_id.clone()] && chat == chats).then_some(())
+    })
+    .await;
+    c.close().await;
+    eventually(T, "lock and routes removed", || async {
+        let lock = get(&redis, "session:c1:a1:u1").await;
+        let chats = route_members(&redis, "route:c1:a1:chats").await;
+        let chat = route_members(&redis, "route:c1:a1:messages:x").await;
+        (lock.is_none() && chats.is_empty() && chat.is_empty()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refreshed_lock_outlives_its_ttl() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.app.session_ttl_seconds = 2;
+    cfg.app.ttl_refresh_interval_seconds = 1;
+    let edge = RunningEdge::start(cfg).await;
+    let redis = s.redis_conn().await;
+    let mut c = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    c.expect_ready().await;
+    let owner = get(&redis, "session:c1:a1:u1").await.expect("lock");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(get(&redis, "session:c1:a1:u1").await, Some(owner), "lock kept alive past its 2 s TTL");
+    edge.publish("websocket.c1.a1.chats", 1, "{}");
+    assert_eq!(c.event(T).await["seq"], 1, "socket still open");
+}
+
+#[tokio::test]
+async fn redis_restart_with_no_data_keeps_sockets_and_reasserts_locks_and_routes() {
+    let mut s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let mut c = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    c.expect_ready().await;
+    c.select_chat("x").await;
+    let redis_before = s.redis_conn().await;
+    let redis = redis_before.clone();
+    eventually(T, "chat route registered", || async {
+        (!route_members(&redis, "route:c1:a1:messages:x").await.is_empty()).then_some(())
+    })
+    .await;
+    s.redis.kill();
+    // A chat selected during the outage is registered once Redis is back.
+    c.select_chat("y").await;
+    // While Redis is gone the socket stays open and keeps receiving.
+    edge.publish("websocket.c1.a1.chats", 1, "{}");
+    assert_eq!(c.event(T).await["seq"], 1);
+    s.redis.restart();
+    let redis = s.redis_conn().await;
+    drop(redis_before);
+    eventually(Duration::from_secs(15), "locks, routes and registration re-asserted", || async {
+        let lock = get(&redis, "session:c1:a1:u1").await?;
+        let reg = get(&redis, &format!("edge:{}", edge.edge.pod_id)).await?;
+        let chats = route_members(&redis, "route:c1:a1:chats").await;
+        let chat = route_members(&redis, "route:c1:a1:messages:y").await;
+        let old_chat = route_members(&redis, "route:c1:a1:messages:x").await;
+        let marker = get(&redis, "dws:registry:generation").await?;
+        (lock.starts_with(&edge.edge.pod_id)
+            && !reg.is_empty()
+            && !chats.is_empty()
+            && !chat.is_empty()
+            && old_chat.is_empty()
+            && !marker.is_empty())
+        .then_some(())
+    })
+    .await;
+    edge.publish("websocket.c1.a1.chats", 2, "{}");
+    assert_eq!(c.event(T).await["seq"], 2, "socket survived the outage");
+}
+
+#[tokio::test]
+async fn a_socket_whose_lock_was_taken_during_an_outage_is_closed_with_4402() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let mut c = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    c.expect_ready().await;
+    // Someone else now holds the lock (as if another socket took it while
+    // this edge could not reach Redis).
+    let mut redis = s.redis_conn().await;
+    let _: () = redis::cmd("SET").arg("session:c1:a1:u1").arg("other-edge|x-1").query_async(&mut redis).await.unwrap();
+    c.expect_error_then_close("SessionConflict", 4402).await;
+}
+
+/// A `daisi-edge` process, for tests that kill it with SIGKILL.
+struct EdgeProcess {
+    child: Child,
+    http_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl EdgeProcess {
+    fn start(cfg: &daisi_common::Config) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let http_port = free_port();
+        let grpc_port = free_port();
+        let mut cfg = cfg.clone();
+        cfg.server.http_port = http_port;
+        cfg.server.grpc_port = grpc_port;
+        std::fs::write(&path, yaml_of(&cfg)).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_daisi-edge"))
+            .arg("--config")
+            .arg(&path)
+            .env("DAISI_WS_LOG_LEVEL", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn daisi-edge");
+        Self { child, http_port, _dir: dir }
+    }
+
+    fn user_url(&self, company: &str, agent: &str, token: &str) -> String {
+        format!(
+            "ws://127.0.0.1:{}/ws/{company}/{agent}?token={token}&x-api-key={}",
+            self.http_port,
+            daisi_testkit::API_KEY
+        )
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The config as YAML with real secret values (the masked JSON would hide them).
+fn yaml_of(cfg: &daisi_common::Config) -> String {
+    let mut v = serde_json::to_value(cfg).unwrap();
+    let a = &cfg.auth;
+    v["auth"]["secret_token"] = a.secret_token.expose().into();
+    v["auth"]["admin_secret_token"] = a.admin_secret_token.expose().into();
+    v["auth"]["token_aes_key"] = a.token_aes_key.expose().into();
+    v["auth"]["admin_token_aes_key"] = a.admin_token_aes_key.expose().into();
+    v["auth"]["internal_token"] = a.internal_token.expose().into();
+    // JSON is YAML.
+    v.to_string()
+}
+
+async fn connect_when_up(url: &str) -> WsClient {
+    let addr = url.trim_start_matches("ws://").split('/').next().unwrap().to_string();
+    eventually(T, "edge process listening", || async { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) })
+        .await;
+    WsClient::connect(url).await
+}
+
+#[tokio::test]
+async fn lock_of_a_killed_edge_is_taken_over_once_its_registration_expires() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.app.session_ttl_seconds = 60; // far longer than the registration
+    cfg.app.ttl_refresh_interval_seconds = 1; // registration TTL ~2.5 s
+    let mut dead = EdgeProcess::start(&cfg);
+    let token = user_token("c1", "a1", "u1", 60);
+    let mut victim = connect_when_up(&dead.user_url("c1", "a1", &token)).await;
+    victim.expect_ready().await;
+    dead.kill9();
+    let redis = s.redis_conn().await;
+    assert!(get(&redis, "session:c1:a1:u1").await.is_some(), "the dead edge's lock is still there");
+    let mut cfg2 = cfg.clone();
+    cfg2.server.pod_id = format!("{}-live", cfg.server.pod_id);
+    let live = RunningEdge::start(cfg2).await;
+    // Until the dead edge's registration expires, a takeover waits (and may
+    // time out with 4402); after it, the new socket gets the session at once.
+    let dead_reg = format!("edge:{}", cfg.server.pod_id);
+    eventually(T, "dead edge registration expired", || async { get(&redis, &dead_reg).await.is_none().then_some(()) })
+        .await;
+    let mut c = WsClient::connect(&live.user_url("c1", "a1", &token)).await;
+    c.expect_ready().await;
+    let owner = get(&redis, "session:c1:a1:u1").await.unwrap();
+    assert!(owner.starts_with(&live.edge.pod_id), "{owner}");
+}
+
+#[tokio::test]
+async fn dead_edge_route_membership_expires_while_the_live_one_stays() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.app.route_ttl_seconds = 3;
+    let mut dead = EdgeProcess::start(&cfg);
+    let mut a = connect_when_up(&dead.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    a.expect_ready().await;
+    let mut cfg2 = cfg.clone();
+    cfg2.server.pod_id = format!("{}-live", cfg.server.pod_id);
+    let live = RunningEdge::start(cfg2).await;
+    let mut b = WsClient::connect(&live.user_url("c1", "a1", &user_token("c1", "a1", "u2", 60))).await;
+    b.expect_ready().await;
+    let redis = s.redis_conn().await;
+    let mut both = vec![cfg.server.pod_id.clone(), live.edge.pod_id.clone()];
+    both.sort();
+    eventually(T, "both edges in the route", || async {
+        let mut m = route_members(&redis, "route:c1:a1:chats").await;
+        m.sort();
+        (m == both).then_some(())
+    })
+    .await;
+    dead.kill9();
+    eventually(T, "dead edge's membership expired", || async {
+        (route_members(&redis, "route:c1:a1:chats").await == [live.edge.pod_id.clone()]).then_some(())
+    })
+    .await;
+    // And the live one stays past several of its own refreshes.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(route_members(&redis, "route:c1:a1:chats").await, vec![live.edge.pod_id.clone()]);
+}
+
+#[tokio::test]
+async fn check_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    std::fs::write(&path, "server:\n  http_port: 8080\nauth:\n  token_aes_key: \"abc\"\n  secret_token: x\n  admin_secret_token: y\n  internal_token: z\n  admin_token_aes_key: \"2222222222222222222222222222222222222222222222222222222222222222\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_daisi-edge"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("DAISI_WS_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("auth.token_aes_key"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+
+    // A good file prints the effective config with secrets masked and exits 0.
+    std::fs::write(
+        &path,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"abc\"", "\"1111111111111111111111111111111111111111111111111111111111111111\""),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_daisi-edge"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("***") && !stdout.contains("1111111111"), "{stdout}");
+
+    // An unknown environment override is refused too.
+    let out = Command::new(env!("CARGO_BIN_EXE_daisi-edge"))
+        .arg("--check-config")
+        .arg("--config")
+        .arg(&path)
+        .env("DAISI_WS_SERVER_HTTP_PROT", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DAISI_WS_SERVER_HTTP_PROT"));
+}
