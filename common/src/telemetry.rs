@@ -50,3 +50,34 @@ pub fn metrics_handle() -> PrometheusHandle {
         })
         .clone()
 }
+
+/// Samples process metrics (`dws_process_resident_memory_bytes`,
+/// `dws_process_open_fds`) every `every` until `shutdown`.
+pub fn spawn_process_metrics(every: std::time::Duration, shutdown: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let rss = metrics::gauge!("dws_process_resident_memory_bytes");
+        let fds = metrics::gauge!("dws_process_open_fds");
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    if let Some(bytes) = resident_memory_bytes() {
+                        rss.set(bytes as f64);
+                    }
+                    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+                        fds.set(dir.count() as f64);
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// This process's resident set size, from `/proc/self/status` (Linux).
+pub fn resident_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

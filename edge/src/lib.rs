@@ -154,6 +154,7 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         config,
     });
     spawn_reload_watcher(state.clone());
+    daisi_common::telemetry::spawn_process_metrics(Duration::from_secs(5), shutdown.clone());
 
     let checks = vec![
         health::Check::critical("redis", {

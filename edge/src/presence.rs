@@ -465,24 +465,30 @@ impl Presence {
     }
 
     async fn refresh_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut failures: u32 = 0;
+        use backon::BackoffBuilder;
+        let mut backoff: Option<backon::ExponentialBackoff> = None;
         loop {
             let interval = Duration::from_secs(self.cfg().app.ttl_refresh_interval_seconds);
             let wait = match self.refresh_all().await {
                 Ok(()) => {
-                    if failures > 0 {
+                    if backoff.take().is_some() {
                         tracing::info!("redis is back: locks and routes re-asserted");
                     }
-                    failures = 0;
                     interval
                 }
                 Err(e) => {
-                    if failures == 0 {
+                    // Retry sooner than the interval, with exponential backoff
+                    // and jitter, so a returning Redis is re-asserted quickly.
+                    let b = backoff.get_or_insert_with(|| {
                         tracing::warn!(error = %e, "refresh failed; retrying with backoff");
-                    }
-                    failures = failures.saturating_add(1);
-                    let backoff = Duration::from_millis(100u64.saturating_mul(1 << failures.min(6)));
-                    backoff.min(interval) + Duration::from_millis(daisi_common::deps::jitter_ms(100))
+                        backon::ExponentialBuilder::default()
+                            .with_min_delay(Duration::from_millis(100))
+                            .with_max_delay(interval)
+                            .with_jitter()
+                            .without_max_times()
+                            .build()
+                    });
+                    b.next().unwrap_or(interval)
                 }
             };
             tokio::select! {

@@ -4,13 +4,13 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use daisi_testkit::eventually;
 use daisi_testkit::ws::{WsClient, admin_token, user_token};
-use daisi_testkit::{eventually, free_port};
 use redis::aio::MultiplexedConnection;
-use support::{RunningEdge, Servers};
+use support::{EdgeProcess, RunningEdge, Servers, connect_when_up};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -189,74 +189,6 @@ async fn a_socket_whose_lock_was_taken_during_an_outage_is_closed_with_4402() {
     let mut redis = s.redis_conn().await;
     let _: () = redis::cmd("SET").arg("session:c1:a1:u1").arg("other-edge|x-1").query_async(&mut redis).await.unwrap();
     c.expect_error_then_close("SessionConflict", 4402).await;
-}
-
-/// A `daisi-edge` process, for tests that kill it with SIGKILL.
-struct EdgeProcess {
-    child: Child,
-    http_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl EdgeProcess {
-    fn start(cfg: &daisi_common::Config) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.yaml");
-        let http_port = free_port();
-        let grpc_port = free_port();
-        let mut cfg = cfg.clone();
-        cfg.server.http_port = http_port;
-        cfg.server.grpc_port = grpc_port;
-        std::fs::write(&path, yaml_of(&cfg)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_daisi-edge"))
-            .arg("--config")
-            .arg(&path)
-            .env("DAISI_WS_LOG_LEVEL", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn daisi-edge");
-        Self { child, http_port, _dir: dir }
-    }
-
-    fn user_url(&self, company: &str, agent: &str, token: &str) -> String {
-        format!(
-            "ws://127.0.0.1:{}/ws/{company}/{agent}?token={token}&x-api-key={}",
-            self.http_port,
-            daisi_testkit::API_KEY
-        )
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for EdgeProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// The config as YAML with real secret values (the masked JSON would hide them).
-fn yaml_of(cfg: &daisi_common::Config) -> String {
-    let mut v = serde_json::to_value(cfg).unwrap();
-    let a = &cfg.auth;
-    v["auth"]["secret_token"] = a.secret_token.expose().into();
-    v["auth"]["admin_secret_token"] = a.admin_secret_token.expose().into();
-    v["auth"]["token_aes_key"] = a.token_aes_key.expose().into();
-    v["auth"]["admin_token_aes_key"] = a.admin_token_aes_key.expose().into();
-    v["auth"]["internal_token"] = a.internal_token.expose().into();
-    // JSON is YAML.
-    v.to_string()
-}
-
-async fn connect_when_up(url: &str) -> WsClient {
-    let addr = url.trim_start_matches("ws://").split('/').next().unwrap().to_string();
-    eventually(T, "edge process listening", || async { tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ()) })
-        .await;
-    WsClient::connect(url).await
 }
 
 #[tokio::test]

@@ -3,12 +3,14 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
 use daisi_common::Config;
 use daisi_edge::Edge;
-use daisi_testkit::{API_KEY, NatsServer, RedisServer, test_config};
+use daisi_testkit::ws::WsClient;
+use daisi_testkit::{API_KEY, NatsServer, RedisServer, eventually, free_port, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -128,4 +130,100 @@ fn dechunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A `daisi-edge` process, for tests that kill it with SIGKILL.
+pub struct EdgeProcess {
+    pub stderr_path: std::path::PathBuf,
+    child: Child,
+    pub http_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl EdgeProcess {
+    pub fn start(cfg: &daisi_common::Config) -> Self {
+        Self::start_with_env(cfg, &[("DAISI_WS_LOG_LEVEL", "warn")])
+    }
+
+    /// Starts with extra environment; stderr (the logs) goes to `stderr_path`.
+    pub fn start_with_env(cfg: &daisi_common::Config, env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        let http_port = free_port();
+        let grpc_port = free_port();
+        let mut cfg = cfg.clone();
+        cfg.server.http_port = http_port;
+        cfg.server.grpc_port = grpc_port;
+        std::fs::write(&path, yaml_of(&cfg)).unwrap();
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_daisi-edge"));
+        cmd.arg("--config").arg(&path).stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn daisi-edge");
+        Self { stderr_path, child, http_port, _dir: dir }
+    }
+
+    pub fn user_url(&self, company: &str, agent: &str, token: &str) -> String {
+        format!(
+            "ws://127.0.0.1:{}/ws/{company}/{agent}?token={token}&x-api-key={}",
+            self.http_port,
+            daisi_testkit::API_KEY
+        )
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EdgeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// The config as YAML with real secret values (the masked JSON would hide them).
+pub fn yaml_of(cfg: &daisi_common::Config) -> String {
+    let mut v = serde_json::to_value(cfg).unwrap();
+    let a = &cfg.auth;
+    v["auth"]["secret_token"] = a.secret_token.expose().into();
+    v["auth"]["admin_secret_token"] = a.admin_secret_token.expose().into();
+    v["auth"]["token_aes_key"] = a.token_aes_key.expose().into();
+    v["auth"]["admin_token_aes_key"] = a.admin_token_aes_key.expose().into();
+    v["auth"]["internal_token"] = a.internal_token.expose().into();
+    // JSON is YAML.
+    v.to_string()
+}
+
+pub async fn connect_when_up(url: &str) -> WsClient {
+    let addr = url.trim_start_matches("ws://").split('/').next().unwrap().to_string();
+    eventually(Duration::from_secs(10), "edge process listening", || async {
+        tokio::net::TcpStream::connect(&addr).await.ok().map(|_| ())
+    })
+    .await;
+    WsClient::connect(url).await
+}
+
+impl EdgeProcess {
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
 }
