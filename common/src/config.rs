@@ -850,8 +850,7 @@ mod tests {
             Source { path: Some(path), env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
         let c = Config::load(&source, Role::Edge).unwrap();
         // The file states the defaults, so it equals the built-in ones but for secrets.
-        let mut expected = Config::default();
-        expected.auth = c.auth.clone();
+        let expected = Config { auth: c.auth.clone(), ..Config::default() };
         assert_eq!(c, expected);
     }
 
