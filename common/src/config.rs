@@ -63,6 +63,10 @@ pub struct ServerConfig {
     pub demo_enabled: bool,
     /// Seconds over which a draining edge spreads the closing of its sockets.
     pub drain_window_seconds: u64,
+    /// How often the edge sends a delivery probe through JetStream and a router to itself, in seconds.
+    pub canary_interval_seconds: u64,
+    /// A probe not back within this long reports delivery as failing, in seconds.
+    pub canary_timeout_seconds: u64,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +82,8 @@ impl Default for ServerConfig {
             max_connections: 100_000,
             demo_enabled: false,
             drain_window_seconds: 5,
+            canary_interval_seconds: 5,
+            canary_timeout_seconds: 15,
         }
     }
 }
@@ -452,6 +458,7 @@ impl Config {
             ("app.client_burst", u64::from(a.client_burst)),
             ("app.session_takeover_wait_ms", a.session_takeover_wait_ms),
             ("auth.token_cache_max_entries", self.auth.token_cache_max_entries),
+            ("server.canary_interval_seconds", self.server.canary_interval_seconds),
             ("router.max_in_flight", u64::from(self.router.max_in_flight)),
             ("router.edge_ack_timeout_ms", self.router.edge_ack_timeout_ms),
             ("router.pull_batch_size", u64::from(self.router.pull_batch_size)),
@@ -466,6 +473,12 @@ impl Config {
             return Err(ConfigError::new(
                 "app.ttl_refresh_interval_seconds",
                 "must be shorter than app.session_ttl_seconds",
+            ));
+        }
+        if self.server.canary_timeout_seconds <= self.server.canary_interval_seconds {
+            return Err(ConfigError::new(
+                "server.canary_timeout_seconds",
+                "must be longer than server.canary_interval_seconds",
             ));
         }
         if a.pong_wait_seconds <= a.ping_interval_seconds {

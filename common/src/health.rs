@@ -41,6 +41,8 @@ impl Check {
 
 /// Runs every check (concurrently, each bounded to 2 s); returns whether all
 /// critical ones passed and the JSON body naming each dependency's state.
+/// Informational checks also appear at the top level as `"name": "ok"|"failing"`
+/// (the edge's `"delivery"` canary).
 pub async fn readiness(checks: &[Check]) -> (bool, Value) {
     let results = join_all(checks.iter().map(|c| {
         let fut = (c.run)();
@@ -54,6 +56,7 @@ pub async fn readiness(checks: &[Check]) -> (bool, Value) {
     .await;
     let mut ready = true;
     let mut deps = Map::new();
+    let mut top = Map::new();
     for (check, result) in checks.iter().zip(results) {
         let entry = match result {
             Ok(()) => json!({"state": "up"}),
@@ -64,9 +67,15 @@ pub async fn readiness(checks: &[Check]) -> (bool, Value) {
                 json!({"state": "down", "error": e})
             }
         };
+        if !check.critical {
+            let state = if entry["state"] == "up" { "ok" } else { "failing" };
+            top.insert(check.name.to_string(), json!(state));
+        }
         deps.insert(check.name.to_string(), entry);
     }
-    let body = json!({"status": if ready { "ready" } else { "unavailable" }, "dependencies": deps});
+    top.insert("status".into(), json!(if ready { "ready" } else { "unavailable" }));
+    top.insert("dependencies".into(), Value::Object(deps));
+    let body = Value::Object(top);
     (ready, body)
 }
 

@@ -77,6 +77,10 @@ impl EdgeDelivery for Delivery {
 
 fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
     for event in &batch.events {
+        if event.subject == state.canary.subject() {
+            state.canary.observe(&event.payload);
+            continue;
+        }
         if !dedup.first_time(&event.subject, event.seq) {
             counter!("dws_grpc_duplicates_total").increment(1);
             continue;

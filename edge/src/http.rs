@@ -29,6 +29,7 @@ pub fn router(state: Arc<EdgeState>) -> Router {
         .route("/admin/generate-token", post(generate_admin).fallback(method_not_allowed))
         .route("/ws/admin", any(crate::ws::admin))
         .route("/ws/{company}/{agent}", any(crate::ws::user))
+        .merge(crate::demo::router(state.cfg().server.demo_enabled))
         .with_state(state)
 }
 

@@ -4,8 +4,10 @@
 #![forbid(unsafe_code)]
 
 pub mod auth;
+pub mod canary;
 pub mod catchup;
 pub mod delivery;
+pub mod demo;
 pub mod http;
 pub mod hub;
 pub mod metrics;
@@ -53,6 +55,7 @@ pub struct EdgeState {
     pub auth: Auth,
     pub hub: Hub,
     pub presence: Arc<Presence>,
+    pub canary: Arc<canary::Canary>,
     pub metrics: Arc<EdgeMetrics>,
     pub jetstream: async_nats::jetstream::Context,
     pub connections: Arc<Semaphore>,
@@ -146,6 +149,7 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         auth: Auth::new(&cfg.auth)?,
         hub: Hub::new(metrics.clone()),
         presence,
+        canary: Arc::new(canary::Canary::new(&pod_id)),
         metrics,
         jetstream,
         connections: Arc::new(Semaphore::new(cfg.server.max_connections as usize)),
@@ -154,6 +158,7 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         config,
     });
     spawn_reload_watcher(state.clone());
+    state.canary.spawn(state.clone(), pod_id.clone(), shutdown.clone());
     daisi_common::telemetry::spawn_process_metrics(Duration::from_secs(5), shutdown.clone());
 
     let checks = vec![
@@ -184,13 +189,25 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
                 })
             }
         }),
+        health::Check::informational("delivery", {
+            let state = state.clone();
+            move || {
+                let timeout = Duration::from_secs(state.cfg().server.canary_timeout_seconds);
+                let r = state.canary.status(timeout);
+                Box::pin(async move { r })
+            }
+        }),
     ];
     let app = http::router(state.clone()).merge(health::router(checks));
     let http_task = {
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let serve = axum::serve(http_listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move { stop.cancelled().await });
+            use axum::serve::ListenerExt;
+            // TCP_NODELAY on every socket: events are small and latency-bound.
+            let listener = http_listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "HTTP server failed");
             }

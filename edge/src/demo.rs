@@ -1,0 +1,58 @@
+//! The browser demo page at `GET /demo`: plain HTML and JavaScript with no
+//! build step, compiled into the binary. Served only when
+//! `server.demo_enabled` is true (off by default; the dev stack turns it on).
+//!
+//! The page takes `company`, `agent`, `user`, `token` and `key` from the URL
+//! fragment (or the query string) and connects to `/ws/{company}/{agent}` on
+//! the same origin. The response forbids caching and referrers, since the URL
+//! may carry a token.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::EdgeState;
+
+/// The page, as shipped in `edge/assets/demo.html`.
+pub const PAGE: &str = include_str!("../assets/demo.html");
+
+/// `Content-Security-Policy` of the page: its own inline script and style,
+/// WebSockets, nothing else.
+pub const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                       connect-src 'self' ws: wss:; img-src data:; base-uri 'none'; form-action 'none'; \
+                       frame-ancestors 'none'";
+
+/// The `/demo` route when `enabled`, else no route at all (404).
+pub fn router(enabled: bool) -> Router<Arc<EdgeState>> {
+    if enabled { Router::new().route("/demo", get(page)) } else { Router::new() }
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CONTENT_SECURITY_POLICY, CSP),
+        ],
+        PAGE,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_is_self_contained() {
+        assert!(PAGE.starts_with("<!doctype html>"));
+        assert!(!PAGE.contains("<script src"), "no external scripts");
+        for code in ["4401", "4402", "4403"] {
+            assert!(PAGE.contains(code), "the page explains close code {code}");
+        }
+    }
+}
