@@ -214,8 +214,7 @@ impl Presence {
     }
 
     /// Whether the socket owning `value` can no longer answer: its edge's
-    /// registration expired, or it is a previous run of this very edge, or
-    /// this edge does not know it.
+    /// registration expired, or it belongs to a previous run of this edge.
     async fn owner_is_gone(&self, conn: &mut ConnectionManager, value: &str) -> Result<bool, redis::RedisError> {
         let Some((pod, rest)) = value.split_once('|') else { return Ok(true) };
         if pod == self.pod_id {
@@ -223,7 +222,10 @@ impl Presence {
             if boot != self.boot_id {
                 return Ok(true);
             }
-            return Ok(!self.sessions.iter().any(|s| s.owner == value));
+            // A socket of this very run: alive, even if it is still between
+            // its SET and its local registration (it is never refreshed if it
+            // leaked, so its lock then expires by itself).
+            return Ok(false);
         }
         let exists: bool = redis::cmd("EXISTS").arg(names::edge_key(pod)).query_async(conn).await?;
         Ok(!exists)
