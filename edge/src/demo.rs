@@ -48,6 +48,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn off_by_default_and_routed_only_when_enabled() {
+        assert!(!daisi_common::Config::default().server.demo_enabled);
+        assert!(!router(false).has_routes());
+        assert!(router(true).has_routes());
+    }
+
+    #[test]
     fn page_is_self_contained() {
         assert!(PAGE.starts_with("<!doctype html>"));
         assert!(!PAGE.contains("<script src"), "no external scripts");

@@ -1,0 +1,182 @@
+//! Command-line flags of `daisi-dev-stack`. Every port is a free one unless a
+//! flag names it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use daisi_common::names::valid_id;
+
+/// Environment variable naming the folder holding `daisi-edge` and
+/// `daisi-router` (default: the folder of `daisi-dev-stack` itself).
+pub const ENV_BIN_DIR: &str = "DAISI_DEV_BIN_DIR";
+
+/// What to start and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Args {
+    pub nats_port: Option<u16>,
+    pub redis_port: Option<u16>,
+    pub router_port: Option<u16>,
+    /// HTTP ports of the edges, in order; edges without one get a free port.
+    pub edge_ports: Vec<u16>,
+    pub edges: usize,
+    pub bin_dir: Option<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub company: String,
+    pub agent: String,
+    pub user: String,
+    pub publisher: bool,
+    pub publish_interval: Duration,
+    pub ready_timeout: Duration,
+}
+
+impl Default for Args {
+    fn default() -> Self {
+        Self {
+            nats_port: None,
+            redis_port: None,
+            router_port: None,
+            edge_ports: Vec::new(),
+            edges: 2,
+            bin_dir: None,
+            config: None,
+            company: "demo".into(),
+            agent: "agent1".into(),
+            user: "u1".into(),
+            publisher: true,
+            publish_interval: Duration::from_secs(1),
+            ready_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The outcome of parsing.
+#[derive(Debug, PartialEq)]
+pub enum Parsed {
+    Run(Args),
+    Help,
+}
+
+/// Usage text.
+pub const USAGE: &str = "\
+usage: daisi-dev-stack [options]
+
+Starts nats-server -js, redis-server, one daisi-router and two daisi-edge
+processes on 127.0.0.1 with fresh dev secrets, prints a demo URL, and publishes
+sample events until Ctrl-C, which stops everything.
+
+options:
+  --nats-port PORT            NATS client port (default: a free port)
+  --redis-port PORT           Redis port (default: a free port)
+  --router-port PORT          router HTTP port for /health /ready /metrics (default: free)
+  --edge-port PORT            HTTP port of the next edge; repeat for each edge (default: free)
+  --edges N                   number of edges, 1-8 (default 2)
+  --bin-dir DIR               folder with daisi-edge and daisi-router
+                              (default: $DAISI_DEV_BIN_DIR, else this binary's folder)
+  --config PATH               config file passed as DAISI_WS_CONFIG (default: config/config.yaml)
+  --company ID --agent ID --user ID
+                              identity of the demo token (default demo / agent1 / u1)
+  --publish-interval-ms MS    sample event period (default 1000)
+  --no-publisher              do not publish sample events
+  --ready-timeout-secs S      how long to wait for every /ready (default 60)
+  -h, --help                  this text";
+
+/// Parses the arguments (without the program name).
+pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
+    let mut out = Args::default();
+    let mut it = args.into_iter();
+    while let Some(raw) = it.next() {
+        let (flag, inline) = match raw.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (raw.clone(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            match inline.clone() {
+                Some(v) => Ok(v),
+                None => it.next().ok_or_else(|| format!("{name} needs a value")),
+            }
+        };
+        match flag.as_str() {
+            "-h" | "--help" => return Ok(Parsed::Help),
+            "--nats-port" => out.nats_port = Some(port(&flag, &value(&flag)?)?),
+            "--redis-port" => out.redis_port = Some(port(&flag, &value(&flag)?)?),
+            "--router-port" => out.router_port = Some(port(&flag, &value(&flag)?)?),
+            "--edge-port" => out.edge_ports.push(port(&flag, &value(&flag)?)?),
+            "--edges" => {
+                let v = value(&flag)?;
+                out.edges =
+                    v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(format!("--edges must be 1-8, got `{v}`"))?
+            }
+            "--bin-dir" => out.bin_dir = Some(PathBuf::from(value(&flag)?)),
+            "--config" => out.config = Some(PathBuf::from(value(&flag)?)),
+            "--company" => out.company = id(&flag, value(&flag)?)?,
+            "--agent" => out.agent = id(&flag, value(&flag)?)?,
+            "--user" => out.user = id(&flag, value(&flag)?)?,
+            "--publish-interval-ms" => {
+                let v = value(&flag)?;
+                let ms: u64 = v.parse().ok().filter(|n| *n >= 10).ok_or(format!("{flag} must be >= 10, got `{v}`"))?;
+                out.publish_interval = Duration::from_millis(ms);
+            }
+            "--no-publisher" => out.publisher = false,
+            "--ready-timeout-secs" => {
+                let v = value(&flag)?;
+                let s: u64 = v.parse().ok().filter(|n| *n >= 1).ok_or(format!("{flag} must be >= 1, got `{v}`"))?;
+                out.ready_timeout = Duration::from_secs(s);
+            }
+            other => return Err(format!("unknown argument `{other}` (try --help)")),
+        }
+    }
+    if out.edge_ports.len() > out.edges {
+        return Err(format!("{} --edge-port flags for {} edges (see --edges)", out.edge_ports.len(), out.edges));
+    }
+    if out.bin_dir.is_none() {
+        out.bin_dir = std::env::var_os(ENV_BIN_DIR).filter(|v| !v.is_empty()).map(PathBuf::from);
+    }
+    Ok(Parsed::Run(out))
+}
+
+fn port(flag: &str, v: &str) -> Result<u16, String> {
+    v.parse().ok().filter(|p| *p != 0).ok_or(format!("{flag} must be a port 1-65535, got `{v}`"))
+}
+
+fn id(flag: &str, v: String) -> Result<String, String> {
+    if valid_id(&v) { Ok(v) } else { Err(format!("{flag} must be 1-128 characters of [A-Za-z0-9_-], got `{v}`")) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<Args, String> {
+        match parse(args.iter().map(|s| s.to_string()))? {
+            Parsed::Run(a) => Ok(a),
+            Parsed::Help => Err("help".into()),
+        }
+    }
+
+    #[test]
+    fn defaults_and_flags() {
+        let a = run(&[]).unwrap();
+        assert_eq!((a.edges, a.company.as_str(), a.publisher), (2, "demo", true));
+        let a = run(&["--nats-port", "4222", "--edge-port=8080", "--edge-port", "8081", "--no-publisher"]).unwrap();
+        assert_eq!(a.nats_port, Some(4222));
+        assert_eq!(a.edge_ports, vec![8080, 8081]);
+        assert!(!a.publisher);
+        assert_eq!(run(&["--publish-interval-ms", "200"]).unwrap().publish_interval, Duration::from_millis(200));
+        assert_eq!(parse(["--help".to_string()]).unwrap(), Parsed::Help);
+    }
+
+    #[test]
+    fn bad_flags_name_themselves() {
+        for (args, needle) in [
+            (&["--nats-port", "x"][..], "--nats-port"),
+            (&["--edges", "0"][..], "--edges"),
+            (&["--edges", "1", "--edge-port", "1", "--edge-port", "2"][..], "--edges"),
+            (&["--company", "a.b"][..], "--company"),
+            (&["--bogus"][..], "--bogus"),
+            (&["--redis-port"][..], "--redis-port"),
+        ] {
+            let e = run(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
+    }
+}
