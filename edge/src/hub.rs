@@ -1,13 +1,16 @@
 //! Local fan-out: which local sockets want which subject, and each socket's
 //! bounded outbound queue with its backpressure policy. An event is turned
-//! into its frame once; every socket gets a clone of the same bytes.
+//! into its wire frame once (and compressed at most once, for the sockets
+//! that negotiated permessage-deflate); every socket gets a clone of the
+//! same bytes.
 
+use std::cell::OnceCell;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use daisi_common::config::DropPolicy;
 use daisi_common::names::{self, Subject};
 use dashmap::DashMap;
@@ -15,13 +18,58 @@ use tokio::sync::Notify;
 
 use crate::metrics::EdgeMetrics;
 use crate::protocol;
+use crate::ws::{deflate, frame};
 
 /// One frame waiting for a socket, with the JetStream publish time of its
 /// event (unix nanoseconds, 0 = none) for the delivery-latency histogram.
 #[derive(Clone)]
 pub struct Outgoing {
-    pub frame: Utf8Bytes,
+    /// The whole WebSocket frame as it goes on the wire.
+    pub frame: Bytes,
+    /// Whether the frame is permessage-deflate compressed.
+    pub compressed: bool,
     pub published_unix_nanos: i64,
+}
+
+/// The wire frames of one server message, each built at most once and
+/// shared by every socket it is queued to: plain, and compressed (no
+/// context takeover, so the same bytes suit every socket that negotiated
+/// permessage-deflate).
+pub struct Frames<'a> {
+    json: &'a [u8],
+    metrics: &'a EdgeMetrics,
+    plain: OnceCell<Bytes>,
+    /// `None` when compressing failed or did not make the message smaller.
+    deflated: OnceCell<Option<Bytes>>,
+}
+
+impl<'a> Frames<'a> {
+    pub fn new(json: &'a [u8], metrics: &'a EdgeMetrics) -> Self {
+        Self { json, metrics, plain: OnceCell::new(), deflated: OnceCell::new() }
+    }
+
+    /// The frame for a socket whose compression threshold is
+    /// `compress_from` (`None`: it did not negotiate permessage-deflate),
+    /// and whether it is compressed.
+    pub fn for_socket(&self, compress_from: Option<usize>) -> (Bytes, bool) {
+        if compress_from.is_some_and(|min| self.json.len() >= min)
+            && let Some(deflated) = self.deflated.get_or_init(|| {
+                let packed = deflate::compress(self.json)?;
+                self.metrics.compression_in.increment(self.json.len() as u64);
+                self.metrics.compression_out.increment(packed.len() as u64);
+                (packed.len() < self.json.len()).then(|| frame::compressed_text(&packed))
+            })
+        {
+            return (deflated.clone(), true);
+        }
+        (self.plain.get_or_init(|| frame::text(self.json)).clone(), false)
+    }
+
+    /// The message queued for `socket`.
+    pub fn outgoing(&self, socket: &SocketShared, published_unix_nanos: i64) -> Outgoing {
+        let (frame, compressed) = self.for_socket(socket.policy.compress_from);
+        Outgoing { frame, compressed, published_unix_nanos }
+    }
 }
 
 /// Why the hub or another component wants a socket closed.
@@ -55,6 +103,9 @@ pub struct QueuePolicy {
     pub capacity: usize,
     pub drop_policy: DropPolicy,
     pub block_timeout: Duration,
+    /// `Some(n)`: the socket negotiated permessage-deflate, and messages of
+    /// `n` bytes or more are sent to it compressed.
+    pub compress_from: Option<usize>,
 }
 
 /// The selected chat's gate: live events of the selected subject are held
@@ -204,6 +255,11 @@ impl SocketShared {
         self.lock().full_since.map(|t| t + self.policy.block_timeout)
     }
 
+    /// The socket's compression threshold, if it negotiated permessage-deflate.
+    pub fn compress_from(&self) -> Option<usize> {
+        self.policy.compress_from
+    }
+
     /// Asks the socket's task to close (the first request wins).
     pub fn request_close(&self, why: CloseRequest) {
         if self.close.compare_exchange(0, why as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
@@ -300,14 +356,14 @@ impl Hub {
         payload: &[u8],
     ) -> Result<usize, PublishError> {
         let parsed = Subject::parse(subject).ok_or_else(|| PublishError::BadSubject(subject.to_string()))?;
-        let frame = protocol::event_frame(subject, seq, payload).ok_or(PublishError::BadPayload)?;
-        let out = Outgoing { frame, published_unix_nanos };
+        let json = protocol::event_frame(subject, seq, payload).ok_or(PublishError::BadPayload)?;
+        let frames = Frames::new(&json, &self.metrics);
         let mut n = 0;
         match parsed {
             Subject::Chats { .. } => {
                 if let Some(set) = self.subs.get(subject) {
                     for s in set.values() {
-                        s.offer(out.clone());
+                        s.offer(frames.outgoing(s, published_unix_nanos));
                     }
                     n += set.len();
                 }
@@ -315,7 +371,7 @@ impl Hub {
             Subject::Messages { .. } => {
                 if let Some(set) = self.subs.get(subject) {
                     for s in set.values() {
-                        s.offer_selected(subject, seq, out.clone());
+                        s.offer_selected(subject, seq, frames.outgoing(s, published_unix_nanos));
                     }
                     n += set.len();
                 }
@@ -324,7 +380,7 @@ impl Hub {
                 for key in names::admin_route_keys(company, agent) {
                     if let Some(set) = self.subs.get(key.as_str()) {
                         for s in set.values() {
-                            s.offer(out.clone());
+                            s.offer(frames.outgoing(s, published_unix_nanos));
                         }
                         n += set.len();
                     }
@@ -344,13 +400,26 @@ mod tests {
     }
 
     fn policy(capacity: usize, drop_policy: DropPolicy) -> QueuePolicy {
-        QueuePolicy { capacity, drop_policy, block_timeout: Duration::from_millis(50) }
+        QueuePolicy { capacity, drop_policy, block_timeout: Duration::from_millis(50), compress_from: None }
+    }
+
+    /// The JSON a client reads from a queued frame (inflated if compressed).
+    fn json_of(o: &Outgoing) -> serde_json::Value {
+        let f = &o.frame[..];
+        assert_eq!(f[0] & 0x0f, 1, "a text frame");
+        assert_eq!(f[0] & 0x40 != 0, o.compressed, "RSV1 is set exactly on compressed frames");
+        let header = match f[1] {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
+        let payload =
+            if o.compressed { deflate::inflate(&f[header..], 1 << 20).unwrap() } else { f[header..].to_vec() };
+        serde_json::from_slice(&payload).unwrap()
     }
 
     fn seqs(s: &SocketShared) -> Vec<u64> {
-        std::iter::from_fn(|| s.pop())
-            .map(|o| serde_json::from_str::<serde_json::Value>(o.frame.as_str()).unwrap()["seq"].as_u64().unwrap())
-            .collect()
+        std::iter::from_fn(|| s.pop()).map(|o| json_of(&o)["seq"].as_u64().unwrap()).collect()
     }
 
     #[test]
@@ -391,10 +460,42 @@ mod tests {
             hub.publish(&subject, seq, 0, b"{}").unwrap();
         }
         let latest = protocol::event_frame(&subject, 10, b"{}").unwrap();
-        s.gate_open(&subject, Some((10, Outgoing { frame: latest, published_unix_nanos: 0 })));
+        s.gate_open(&subject, Some((10, Frames::new(&latest, &hub.metrics).outgoing(&s, 0))));
         hub.publish(&subject, 10, 0, b"{}").unwrap();
         hub.publish(&subject, 13, 0, b"{}").unwrap();
         assert_eq!(seqs(&s), vec![10, 11, 12, 13]);
+    }
+
+    #[test]
+    fn one_compressed_frame_shared_by_every_deflate_socket() {
+        let hub = hub();
+        let deflate = |min| QueuePolicy { compress_from: Some(min), ..policy(10, DropPolicy::DropOldest) };
+        let plain = hub.new_socket(policy(10, DropPolicy::DropOldest));
+        let (z1, z2) = (hub.new_socket(deflate(512)), hub.new_socket(deflate(512)));
+        let high = hub.new_socket(deflate(1 << 20));
+        for s in [&plain, &z1, &z2, &high] {
+            hub.subscribe("websocket.c.a.chats", s);
+        }
+        let big = format!(r#"{{"text":"{}"}}"#, "hello world ".repeat(100));
+        hub.publish("websocket.c.a.chats", 1, 0, big.as_bytes()).unwrap();
+        hub.publish("websocket.c.a.chats", 2, 0, br#"{"small":true}"#).unwrap();
+        let [p, a, b, h] = [&plain, &z1, &z2, &high].map(|s| s.pop().unwrap());
+        assert!(!p.compressed && a.compressed && b.compressed && !h.compressed);
+        // The same bytes, not copies: compressed once for both sockets, and
+        // the plain frame shared by the others.
+        assert_eq!(a.frame.as_ptr(), b.frame.as_ptr());
+        assert_eq!(p.frame.as_ptr(), h.frame.as_ptr());
+        assert!(a.frame.len() * 5 < p.frame.len(), "{} vs {}", a.frame.len(), p.frame.len());
+        for o in [&a, &b, &h] {
+            assert_eq!(json_of(o), json_of(&p));
+        }
+        assert_eq!(json_of(&p)["payload"]["text"].as_str().unwrap().len(), 1200);
+        // Under the threshold nothing is compressed.
+        for s in [&plain, &z1, &z2, &high] {
+            let small = s.pop().unwrap();
+            assert!(!small.compressed);
+            assert_eq!(json_of(&small)["payload"], serde_json::json!({"small": true}));
+        }
     }
 
     #[test]

@@ -15,6 +15,14 @@ pub struct EdgeMetrics {
     pub delivery_latency: Histogram,
     pub refused_full: Counter,
     pub closed_slow: Counter,
+    /// Sockets that negotiated permessage-deflate.
+    pub deflate_sockets: Counter,
+    /// Frames written compressed (one per socket and message).
+    pub compressed_frames: Counter,
+    /// Bytes of messages compressed (once per message, whatever its fan-out).
+    pub compression_in: Counter,
+    /// What those messages compressed to, in bytes.
+    pub compression_out: Counter,
 }
 
 impl EdgeMetrics {
@@ -33,6 +41,10 @@ impl EdgeMetrics {
             delivery_latency: histogram!("dws_delivery_latency_seconds"),
             refused_full: counter!("dws_connections_refused_total", "reason" => "edge_full"),
             closed_slow: counter!("dws_connections_closed_slow_total"),
+            deflate_sockets: counter!("dws_websocket_deflate_connections_total"),
+            compressed_frames: counter!("dws_websocket_compressed_frames_total"),
+            compression_in: counter!("dws_websocket_compression_input_bytes_total"),
+            compression_out: counter!("dws_websocket_compression_output_bytes_total"),
         }
     }
 

@@ -1,11 +1,12 @@
-//! The browser protocol: error codes with their close codes, server frames
-//! (`ready`, `event`, `error`) and the client's `select_chat`.
+//! The browser protocol: error codes with their close codes, server messages
+//! (`ready`, `event`, `error`, as JSON text) and the client's `select_chat`.
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 
-/// Largest client frame accepted; above it the socket is closed with 1009.
+/// Largest client message accepted, on the wire and after inflating; above
+/// it the socket is closed with 1009.
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
 
 /// Error codes of SPEC §5, each with its close code.
@@ -59,21 +60,21 @@ pub mod close {
 }
 
 /// `{"type":"error","payload":{"code","message","details"}}`
-pub fn error_frame(code: ErrorCode, message: &str, details: &str) -> Utf8Bytes {
+pub fn error_frame(code: ErrorCode, message: &str, details: &str) -> Bytes {
     json!({"type": "error", "payload": {"code": code.as_str(), "message": message, "details": details}})
         .to_string()
         .into()
 }
 
 /// `{"type":"ready"}`
-pub fn ready_frame() -> Utf8Bytes {
-    Utf8Bytes::from_static(r#"{"type":"ready"}"#)
+pub fn ready_frame() -> Bytes {
+    Bytes::from_static(br#"{"type":"ready"}"#)
 }
 
 /// `{"type":"event","seq":N,"subject":"…","payload":<payload>}` built once per
 /// event and shared by every socket. `None` when the payload is not valid
 /// JSON (the router terminates such messages; this is the edge's own guard).
-pub fn event_frame(subject: &str, seq: u64, payload: &[u8]) -> Option<Utf8Bytes> {
+pub fn event_frame(subject: &str, seq: u64, payload: &[u8]) -> Option<Bytes> {
     let payload = std::str::from_utf8(payload).ok()?;
     serde_json::from_str::<serde::de::IgnoredAny>(payload).ok()?;
     let subject_json = serde_json::to_string(subject).ok()?;
@@ -137,7 +138,7 @@ mod tests {
     #[test]
     fn event_frame_embeds_payload_verbatim() {
         let f = event_frame("websocket.c.a.chats", 7, br#"{"x": [1, 2]}"#).unwrap();
-        let v: serde_json::Value = serde_json::from_str(f.as_str()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
         assert_eq!(v, json!({"type": "event", "seq": 7, "subject": "websocket.c.a.chats", "payload": {"x": [1, 2]}}));
         assert!(event_frame("s", 1, b"not json").is_none());
         assert!(event_frame("s", 1, b"{\"a\":1} trailing").is_none());

@@ -1,7 +1,12 @@
 //! WebSocket sockets: the handshake checks (origin, capacity), the connect
 //! sequence (API key → token → identifiers → session → routes → `ready`),
 //! and one task per socket that writes its queue, reads `select_chat`,
-//! pings, and closes with the right code.
+//! pings, and closes with the right code. The framing (RFC 6455) and
+//! permessage-deflate (RFC 7692) are the edge's own, in the submodules.
+
+pub mod deflate;
+pub mod frame;
+pub mod upgrade;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,31 +14,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
+use bytes::Bytes;
 use daisi_common::names;
 use daisi_common::token::{AdminClaims, TokenError, UserClaims};
 use futures_util::future::poll_fn;
-use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 use crate::EdgeState;
 use crate::auth::KeyKind;
-use crate::hub::{CloseRequest, QueuePolicy, SocketShared};
+use crate::hub::{CloseRequest, Frames, QueuePolicy, SocketShared};
 use crate::presence::{AcquireError, RouteClass};
 use crate::protocol::{self, ClientMessage, ErrorCode, close};
+use frame::{FrameError, Incoming};
+use upgrade::{NotUpgrade, Socket, WsUpgrade};
 
 type Query_ = Result<Query<HashMap<String, String>>, QueryRejection>;
-type Upgrade = Result<WebSocketUpgrade, WebSocketUpgradeRejection>;
-
-/// Read buffer per socket: small, since client messages are tiny (tungstenite
-/// would otherwise allocate 128 KiB per socket).
-const READ_BUFFER: usize = 4 * 1024;
+type Upgrade = Result<WsUpgrade, NotUpgrade>;
+type Tx = frame::Writer<tokio::io::WriteHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
+type Rx = frame::Reader<tokio::io::ReadHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
 
 /// `GET /ws/{company}/{agent}`
 pub async fn user(
@@ -98,13 +101,8 @@ fn handshake(state: Arc<EdgeState>, target: Target, query: Query_, headers: Head
         bad_query,
     };
     let permit = if state.shutdown.is_cancelled() { None } else { state.connections.clone().try_acquire_owned().ok() };
-    let upgrade = upgrade
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-        .max_message_size(protocol::MAX_CLIENT_FRAME)
-        .max_frame_size(protocol::MAX_CLIENT_FRAME);
     let tracker = state.tracker.clone();
-    upgrade.on_upgrade(move |socket| {
+    upgrade.on_upgrade(cfg.app.compression.enabled, protocol::MAX_CLIENT_FRAME, move |socket| {
         tracker.track_future(async move {
             match permit {
                 Some(permit) => serve(socket, state, req, permit).await,
@@ -195,28 +193,30 @@ fn authenticate(state: &EdgeState, req: &ConnectRequest) -> Result<Identity, (Er
 }
 
 /// Sends one error message, then closes with `code`.
-async fn reject(socket: WebSocket, code: ErrorCode, message: &str) {
+async fn reject(socket: Socket, code: ErrorCode, message: &str) {
     close_with(socket, Some(protocol::error_frame(code, message, "")), code.close_code(), message).await;
 }
 
-async fn close_with(mut socket: WebSocket, error: Option<axum::extract::ws::Utf8Bytes>, code: u16, reason: &str) {
+async fn close_with(socket: Socket, error: Option<Bytes>, code: u16, reason: &str) {
+    let Socket { reader: mut rx, writer: mut tx, .. } = socket;
     let send = async {
-        if let Some(frame) = error {
-            socket.send(Message::Text(frame)).await?;
+        if let Some(json) = error {
+            // Never compressed: these are sent before the socket's settings exist.
+            tx.send(frame::text(&json)).await?;
         }
-        socket.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await?;
+        tx.send(frame::close(code, reason)).await?;
         // Let the client answer the close (bounded), so it sees a clean close.
-        while let Some(Ok(msg)) = socket.recv().await {
-            if matches!(msg, Message::Close(_)) {
+        while let Some(Ok(msg)) = rx.next().await {
+            if matches!(msg, Incoming::Close(_)) {
                 break;
             }
         }
-        Ok::<_, axum::Error>(())
+        tx.close().await
     };
     let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
 }
 
-async fn serve(socket: WebSocket, state: Arc<EdgeState>, req: ConnectRequest, _permit: OwnedSemaphorePermit) {
+async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest, _permit: OwnedSemaphorePermit) {
     let identity = match authenticate(&state, &req) {
         Ok(i) => i,
         Err((code, message)) => return reject(socket, code, message).await,
@@ -246,7 +246,11 @@ async fn serve(socket: WebSocket, state: Arc<EdgeState>, req: ConnectRequest, _p
             capacity: cfg.app.websocket_message_buffer_size,
             drop_policy: cfg.app.websocket_backpressure_drop_policy,
             block_timeout: Duration::from_millis(cfg.app.websocket_block_timeout_ms),
+            compress_from: socket.deflate.then_some(cfg.app.compression.min_size_bytes),
         };
+        if socket.deflate {
+            state.metrics.deflate_sockets.increment(1);
+        }
         let shared = state.hub.new_socket(policy);
         tracing::Span::current().record("request_id", format!("{}-{}", state.presence.pod_id(), shared.id));
         let last_activity = Arc::new(AtomicU64::new(state.presence.now_secs()));
@@ -287,9 +291,9 @@ async fn serve(socket: WebSocket, state: Arc<EdgeState>, req: ConnectRequest, _p
             bucket: Bucket::new(cfg.app.client_max_messages_per_second, cfg.app.client_burst),
             last_activity: &last_activity,
         };
-        let (mut tx, rx) = socket.split();
-        let end = match tx.send(Message::Text(protocol::ready_frame())).await {
-            Ok(()) => conn.run(&mut tx, rx, &cfg).await,
+        let Socket { reader: mut rx, writer: mut tx, .. } = socket;
+        let end = match tx.send(conn.text(&protocol::ready_frame())).await {
+            Ok(()) => conn.run(&mut tx, &mut rx, &cfg).await,
             Err(_) => End::Gone,
         };
         let selected = conn.selected.take();
@@ -306,7 +310,7 @@ async fn serve(socket: WebSocket, state: Arc<EdgeState>, req: ConnectRequest, _p
         kind_gauge.decrement(1.0);
         state.metrics.connection_duration.record(started.elapsed().as_secs_f64());
         tracing::debug!(?end, "socket closed");
-        end.close(tx).await;
+        end.close(&state, &shared, tx, rx).await;
     }
     .instrument(span)
     .await
@@ -315,20 +319,56 @@ async fn serve(socket: WebSocket, state: Arc<EdgeState>, req: ConnectRequest, _p
 /// Why a socket's loop ended.
 #[derive(Debug)]
 enum End {
-    /// The client closed or vanished.
+    /// The client vanished.
     Gone,
+    /// The client sent a close frame (with this code): answer it.
+    ClientClosed(Option<u16>),
     /// Close with this code, after an optional error message.
     Close { code: u16, error: Option<(ErrorCode, &'static str)>, reason: &'static str },
 }
 
 impl End {
-    async fn close(self, mut tx: SplitSink<WebSocket, Message>) {
-        let End::Close { code, error, reason } = self else { return };
+    fn from_frame_error(e: FrameError) -> Self {
+        let reason = match e {
+            FrameError::Io(_) => return End::Gone,
+            FrameError::TooBig => "message too big",
+            FrameError::Protocol(why) | FrameError::BadData(why) => why,
+        };
+        match e.close_code() {
+            Some(code) => End::Close { code, error: None, reason },
+            None => End::Gone,
+        }
+    }
+
+    async fn close(self, state: &EdgeState, shared: &SocketShared, mut tx: Tx, mut rx: Rx) {
+        let (code, error, reason) = match self {
+            End::Gone => return,
+            End::ClientClosed(code) => {
+                // Echo the client's code when it is one that may be sent.
+                let code = code.filter(|c| matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)).unwrap_or(1000);
+                let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                    tx.send(frame::close(code, "")).await?;
+                    tx.close().await
+                })
+                .await;
+                return;
+            }
+            End::Close { code, error, reason } => (code, error, reason),
+        };
         let send = async {
             if let Some((code, message)) = error {
-                tx.send(Message::Text(protocol::error_frame(code, message, ""))).await?;
+                let json = protocol::error_frame(code, message, "");
+                tx.send(Frames::new(&json, &state.metrics).for_socket(shared.compress_from()).0).await?;
             }
-            tx.send(Message::Close(Some(CloseFrame { code, reason: reason.into() }))).await
+            tx.send(frame::close(code, reason)).await?;
+            tx.flush().await?;
+            // Let the client answer the close (bounded), so it sees a clean close.
+            while let Some(Ok(msg)) = rx.next().await {
+                if matches!(msg, Incoming::Close(_)) {
+                    break;
+                }
+            }
+            tx.close().await
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
     }
@@ -370,18 +410,14 @@ struct Conn<'a> {
     last_activity: &'a AtomicU64,
 }
 
-fn is_capacity_error(e: axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    e.into_inner().downcast_ref::<WsError>().is_some_and(|e| matches!(e, WsError::Capacity(_)))
-}
-
 impl Conn<'_> {
-    async fn run(
-        &mut self,
-        tx: &mut SplitSink<WebSocket, Message>,
-        mut rx: SplitStream<WebSocket>,
-        cfg: &daisi_common::Config,
-    ) -> End {
+    /// A server message as this socket's frame (compressed when it
+    /// negotiated permessage-deflate and the message is big enough).
+    fn text(&self, json: &[u8]) -> Bytes {
+        Frames::new(json, &self.state.metrics).for_socket(self.shared.compress_from()).0
+    }
+
+    async fn run(&mut self, tx: &mut Tx, rx: &mut Rx, cfg: &daisi_common::Config) -> End {
         let ping_every = Duration::from_secs(cfg.app.ping_interval_seconds);
         let pong_wait = Duration::from_secs(cfg.app.pong_wait_seconds);
         let mut last_seen = Instant::now();
@@ -442,11 +478,14 @@ impl Conn<'_> {
                         Ok(false) => need_flush = false,
                         Ok(true) => {
                             if let Some(out) = self.shared.pop() {
-                                if tx.start_send_unpin(Message::Text(out.frame)).is_err() {
+                                if tx.start_send_unpin(out.frame).is_err() {
                                     return End::Gone;
                                 }
                                 need_flush = true;
                                 self.state.metrics.messages_sent.increment(1);
+                                if out.compressed {
+                                    self.state.metrics.compressed_frames.increment(1);
+                                }
                                 if out.published_unix_nanos > 0 {
                                     let now = daisi_common::token::unix_now_nanos();
                                     let secs = (now - out.published_unix_nanos).max(0) as f64 / 1e9;
@@ -460,20 +499,20 @@ impl Conn<'_> {
                     last_seen = Instant::now();
                     match msg {
                         None => return End::Gone,
-                        Some(Err(e)) => {
-                            if is_capacity_error(e) {
-                                return End::Close { code: close::TOO_BIG, error: None, reason: "message too big" };
+                        Some(Err(e)) => return End::from_frame_error(e),
+                        Some(Ok(Incoming::Close(code))) => return End::ClientClosed(code),
+                        Some(Ok(Incoming::Ping(payload))) => {
+                            if tx.send(frame::pong(&payload)).await.is_err() {
+                                return End::Gone;
                             }
-                            return End::Gone;
                         }
-                        Some(Ok(Message::Close(_))) => return End::Gone,
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        Some(Ok(Message::Text(text))) => {
+                        Some(Ok(Incoming::Pong)) => {}
+                        Some(Ok(Incoming::Text(text))) => {
                             if let Some(end) = self.on_client_message(tx, Some(text.as_str())).await {
                                 return end;
                             }
                         }
-                        Some(Ok(Message::Binary(_))) => {
+                        Some(Ok(Incoming::Binary)) => {
                             if let Some(end) = self.on_client_message(tx, None).await {
                                 return end;
                             }
@@ -495,7 +534,7 @@ impl Conn<'_> {
                     }
                     if now >= next_ping {
                         next_ping = now + ping_every;
-                        if tx.send(Message::Ping(Default::default())).await.is_err() {
+                        if tx.send(frame::ping()).await.is_err() {
                             return End::Gone;
                         }
                     }
@@ -505,7 +544,7 @@ impl Conn<'_> {
     }
 
     /// A text (`Some`) or binary (`None`) message from the client.
-    async fn on_client_message(&mut self, tx: &mut SplitSink<WebSocket, Message>, text: Option<&str>) -> Option<End> {
+    async fn on_client_message(&mut self, tx: &mut Tx, text: Option<&str>) -> Option<End> {
         self.state.metrics.messages_received.increment(1);
         self.last_activity.store(self.state.presence.now_secs(), Ordering::Relaxed);
         if !self.bucket.take() {
@@ -532,8 +571,8 @@ impl Conn<'_> {
         match result {
             Ok(()) => None,
             Err(message) => {
-                let frame = protocol::error_frame(ErrorCode::BadRequest, &message, "");
-                tx.send(Message::Text(frame)).await.err().map(|_| End::Gone)
+                let json = protocol::error_frame(ErrorCode::BadRequest, &message, "");
+                tx.send(self.text(&json)).await.err().map(|_| End::Gone)
             }
         }
     }
@@ -567,7 +606,7 @@ impl Conn<'_> {
         };
         let latest = latest.and_then(|l| {
             protocol::event_frame(&subject, l.seq, &l.payload)
-                .map(|frame| (l.seq, crate::hub::Outgoing { frame, published_unix_nanos: 0 }))
+                .map(|json| (l.seq, Frames::new(&json, &self.state.metrics).outgoing(self.shared, 0)))
         });
         self.shared.gate_open(&subject, latest);
     }

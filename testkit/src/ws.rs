@@ -191,3 +191,200 @@ impl WsClient {
         self.ws
     }
 }
+
+/// One server frame as [`DeflateClient`] sees it.
+#[derive(Debug, Clone)]
+pub struct ServerFrame {
+    pub opcode: u8,
+    /// RSV1 was set: the payload came permessage-deflate compressed.
+    pub compressed: bool,
+    /// The payload, inflated when it came compressed.
+    pub payload: Vec<u8>,
+    /// The frame's size on the wire (header included).
+    pub wire_len: usize,
+}
+
+/// A raw WebSocket client that can offer permessage-deflate the way browsers
+/// do, inflates compressed server frames and sends compressed client frames.
+/// Written here from RFC 6455/7692 with flate2, independently of the edge's
+/// codec, so the two check each other.
+pub struct DeflateClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// The `Sec-WebSocket-Extensions` the server answered with, if any.
+    pub extensions: Option<String>,
+}
+
+/// The RFC 6455 §1.3 sample key and the accept value it must produce.
+const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+impl DeflateClient {
+    /// Connects to `ws://host:port/path?query`, offering `extensions` (e.g.
+    /// Chromium's `permessage-deflate; client_max_window_bits`) if given.
+    pub async fn connect(url: &str, extensions: Option<&str>) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rest = url.strip_prefix("ws://").expect("ws:// URL");
+        let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+        let mut stream = TcpStream::connect(host).await.unwrap_or_else(|e| panic!("connect {host}: {e}"));
+        let offer = extensions.map(|e| format!("Sec-WebSocket-Extensions: {e}\r\n"));
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 13\r\n{}\r\n",
+            offer.as_deref().unwrap_or("")
+        );
+        stream.write_all(request.as_bytes()).await.expect("send handshake");
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+                .await
+                .expect("handshake answered")
+                .expect("read handshake");
+            assert!(n > 0, "connection closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8(buf[..head_end].to_vec()).expect("ASCII response head");
+        buf.drain(..head_end + 4);
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap_or("");
+        assert!(status.starts_with("HTTP/1.1 101"), "expected 101 Switching Protocols, got {head}");
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        assert_eq!(header("sec-websocket-accept").as_deref(), Some(SAMPLE_ACCEPT), "{head}");
+        let extensions = header("sec-websocket-extensions");
+        if let Some(ext) = &extensions {
+            assert!(offer.is_some_and(|_| offered_deflate(Some(ext))), "extension `{ext}` was never offered");
+        }
+        Self { stream, buf, extensions }
+    }
+
+    /// Whether the server accepted permessage-deflate.
+    pub fn deflate(&self) -> bool {
+        offered_deflate(self.extensions.as_deref())
+    }
+
+    /// The next frame other than ping and pong.
+    pub async fn frame(&mut self, within: Duration) -> ServerFrame {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let f = tokio::time::timeout_at(deadline, self.read_frame())
+                .await
+                .unwrap_or_else(|_| panic!("no frame within {within:?}"));
+            if !matches!(f.opcode, 0x9 | 0xa) {
+                return f;
+            }
+        }
+    }
+
+    /// The next text message as JSON, and whether it came compressed.
+    pub async fn json(&mut self, within: Duration) -> (Value, bool) {
+        let f = self.frame(within).await;
+        assert_eq!(f.opcode, 0x1, "expected a text frame, got {f:?}");
+        let v = serde_json::from_slice(&f.payload)
+            .unwrap_or_else(|e| panic!("bad JSON {:?}: {e}", String::from_utf8_lossy(&f.payload)));
+        (v, f.compressed)
+    }
+
+    async fn read_frame(&mut self) -> ServerFrame {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(f) = self.parse() {
+                return f;
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.stream.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "connection closed");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    fn parse(&mut self) -> Option<ServerFrame> {
+        let b = &self.buf;
+        if b.len() < 2 {
+            return None;
+        }
+        assert_eq!(b[1] & 0x80, 0, "server frames are never masked");
+        assert_eq!(b[0] & 0x30, 0, "RSV2/RSV3 are never set");
+        assert!(b[0] & 0x80 != 0, "the edge does not fragment");
+        let (header, len) = match b[1] & 0x7f {
+            126 if b.len() >= 4 => (4, u16::from_be_bytes([b[2], b[3]]) as usize),
+            127 if b.len() >= 10 => (10, u64::from_be_bytes(b[2..10].try_into().ok()?) as usize),
+            126 | 127 => return None,
+            n => (2, n as usize),
+        };
+        if b.len() < header + len {
+            return None;
+        }
+        let opcode = b[0] & 0x0f;
+        let compressed = b[0] & 0x40 != 0;
+        if compressed {
+            assert!(self.deflate(), "RSV1 on a socket that did not negotiate permessage-deflate");
+        }
+        let raw = &b[header..header + len];
+        let payload = if compressed { inflate(raw) } else { raw.to_vec() };
+        let wire_len = header + len;
+        self.buf.drain(..wire_len);
+        Some(ServerFrame { opcode, compressed, payload, wire_len })
+    }
+
+    /// Sends a masked text frame, compressed (RSV1) when `compress` is true.
+    pub async fn send_text(&mut self, text: &str, compress: bool) {
+        use tokio::io::AsyncWriteExt;
+        let payload = if compress { deflate(text.as_bytes()) } else { text.as_bytes().to_vec() };
+        let mask = [0x5a, 0xc3, 0x17, 0x88];
+        let mut frame = vec![0x81 | if compress { 0x40 } else { 0 }];
+        match payload.len() {
+            n @ 0..=125 => frame.push(0x80 | n as u8),
+            n @ 126..=0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.expect("send");
+    }
+}
+
+fn offered_deflate(extensions: Option<&str>) -> bool {
+    extensions.is_some_and(|e| e.trim_start().to_ascii_lowercase().starts_with("permessage-deflate"))
+}
+
+/// RFC 7692 §7.2.2: append `00 00 ff ff` and inflate, with a fresh window
+/// (the edge answers `server_no_context_takeover`).
+fn inflate(data: &[u8]) -> Vec<u8> {
+    let mut d = flate2::Decompress::new(false);
+    let mut input = data.to_vec();
+    input.extend_from_slice(&[0x00, 0x00, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(data.len() * 8 + 64);
+    loop {
+        let consumed = d.total_in() as usize;
+        d.decompress_vec(&input[consumed..], &mut out, flate2::FlushDecompress::Sync).expect("valid deflate data");
+        if d.total_in() as usize == input.len() && out.len() < out.capacity() {
+            return out;
+        }
+        out.reserve(out.capacity());
+    }
+}
+
+/// RFC 7692 §7.2.1: deflate, sync flush, drop the trailing `00 00 ff ff`.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut c = flate2::Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::with_capacity(data.len() + 64);
+    c.compress_vec(data, &mut out, flate2::FlushCompress::Sync).expect("deflate");
+    assert_eq!(c.total_in() as usize, data.len(), "output buffer large enough");
+    assert!(out.ends_with(&[0x00, 0x00, 0xff, 0xff]));
+    out.truncate(out.len() - 4);
+    out
+}

@@ -1,0 +1,215 @@
+//! permessage-deflate (RFC 7692) without context takeover in either direction:
+//! offer negotiation, compressing a server message once for every socket that
+//! negotiated it, and inflating client messages under a size cap.
+//!
+//! No context takeover means a message never refers to an earlier one, so the
+//! edge keeps no deflate state per socket: one compressor and one
+//! decompressor per thread, reset for each message. A compressed event is
+//! therefore the same bytes for every socket and is built once per event.
+
+use std::cell::RefCell;
+
+use bytes::Bytes;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+
+/// The extension the edge answers with when it accepts an offer: neither side
+/// keeps its LZ77 window between messages.
+pub const RESPONSE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+
+/// Compression level for server messages. Each event is compressed once for
+/// all its sockets, so a middle level costs little and saves bandwidth on
+/// every socket.
+const LEVEL: u32 = 6;
+
+/// The four bytes an RFC 7692 sender strips from the end of each message
+/// (the empty stored block of a sync flush) and a receiver appends back.
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Whether one of the client's `Sec-WebSocket-Extensions` offers is a
+/// permessage-deflate offer the edge can accept. Offers are tried in the
+/// client's order; one that asks the server to use a window under 15 bits is
+/// declined (the compressor always uses 32 KiB), as is one with unknown,
+/// repeated or malformed parameters. `headers` are the values of every
+/// `Sec-WebSocket-Extensions` header line.
+pub fn accepts<'a>(headers: impl IntoIterator<Item = &'a str>) -> bool {
+    headers.into_iter().flat_map(|h| h.split(',')).any(offer_acceptable)
+}
+
+fn offer_acceptable(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(str::trim);
+    if !parts.next().is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate")) {
+        return false;
+    }
+    let mut seen = [false; 4];
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            None => (param, None),
+        };
+        let index = match name.to_ascii_lowercase().as_str() {
+            "server_no_context_takeover" if value.is_none() => 0,
+            "client_no_context_takeover" if value.is_none() => 1,
+            // The client limits the window we compress with: only 15 fits.
+            "server_max_window_bits" if value.and_then(window_bits) == Some(15) => 2,
+            "client_max_window_bits" if value.is_none_or(|v| window_bits(v).is_some()) => 3,
+            _ => return false,
+        };
+        if std::mem::replace(&mut seen[index], true) {
+            return false;
+        }
+    }
+    true
+}
+
+fn window_bits(v: &str) -> Option<u8> {
+    // RFC 7692 §7.1.2: 1*DIGIT without leading zeros, 8..=15.
+    if v.starts_with('0') {
+        return None;
+    }
+    v.parse().ok().filter(|b| (8..=15).contains(b))
+}
+
+thread_local! {
+    static COMPRESS: RefCell<Compress> = RefCell::new(Compress::new(Compression::new(LEVEL), false));
+    static DECOMPRESS: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
+/// Compresses one whole message as RFC 7692 wants it on the wire: raw
+/// deflate, sync-flushed, without the trailing `00 00 ff ff`. `None` if the
+/// compressor fails (the message is then sent plain).
+pub fn compress(input: &[u8]) -> Option<Bytes> {
+    COMPRESS.with(|c| {
+        let mut c = c.borrow_mut();
+        c.reset();
+        let mut out = Vec::with_capacity(input.len() / 2 + 64);
+        loop {
+            let consumed = c.total_in() as usize;
+            if c.compress_vec(&input[consumed..], &mut out, FlushCompress::Sync).is_err() {
+                return None;
+            }
+            // Done once all input is in and the flush did not fill the buffer.
+            if c.total_in() as usize == input.len() && out.len() < out.capacity() {
+                break;
+            }
+            out.reserve(out.capacity().max(64));
+        }
+        if out.ends_with(&TAIL) {
+            out.truncate(out.len() - TAIL.len());
+        }
+        Some(Bytes::from(out))
+    })
+}
+
+/// Why a compressed client message was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InflateError {
+    /// The message inflates to more than the cap (a decompression bomb or an
+    /// oversized message): close with 1009.
+    #[error("message inflates past {0} bytes")]
+    TooBig(usize),
+    /// Not a valid deflate stream: close with 1007.
+    #[error("invalid compressed data")]
+    Corrupt,
+}
+
+/// Inflates one compressed client message, refusing to produce more than
+/// `cap` bytes (the work is bounded by the cap, whatever the input claims).
+pub fn inflate(input: &[u8], cap: usize) -> Result<Vec<u8>, InflateError> {
+    DECOMPRESS.with(|d| {
+        let mut d = d.borrow_mut();
+        d.reset(false);
+        let mut out = Vec::with_capacity((input.len() * 4).max(256).min(cap + 1));
+        for part in [input, &TAIL[..]] {
+            let mut rest = part;
+            loop {
+                if out.len() == out.capacity() {
+                    out.reserve(out.capacity().min(cap + 1 - out.len()).max(256));
+                }
+                let (was_in, was_out) = (d.total_in(), out.len());
+                let status =
+                    d.decompress_vec(rest, &mut out, FlushDecompress::Sync).map_err(|_| InflateError::Corrupt)?;
+                rest = &rest[(d.total_in() - was_in) as usize..];
+                if out.len() > cap {
+                    return Err(InflateError::TooBig(cap));
+                }
+                if status == Status::StreamEnd {
+                    // A final block ends the message; anything after it is ignored.
+                    return Ok(out);
+                }
+                if out.len() < out.capacity() {
+                    if rest.is_empty() {
+                        break;
+                    }
+                    if d.total_in() == was_in && out.len() == was_out {
+                        // Input left, room left, and no progress: not deflate.
+                        return Err(InflateError::Corrupt);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negotiation() {
+        // What Chromium and Firefox offer.
+        assert!(accepts(["permessage-deflate; client_max_window_bits"]));
+        assert!(accepts(["permessage-deflate"]));
+        assert!(accepts(["permessage-deflate; server_no_context_takeover; client_no_context_takeover"]));
+        assert!(accepts(["permessage-deflate; server_max_window_bits=15; client_max_window_bits=10"]));
+        assert!(accepts(["x-webkit-deflate-frame", "permessage-deflate; client_max_window_bits=\"15\""]));
+        // A first offer we cannot honour, then one we can.
+        assert!(accepts(["permessage-deflate; server_max_window_bits=10, permessage-deflate"]));
+        for refused in [
+            "",
+            "x-webkit-deflate-frame",
+            "permessage-deflate; server_max_window_bits=10",
+            "permessage-deflate; server_max_window_bits",
+            "permessage-deflate; client_max_window_bits=16",
+            "permessage-deflate; client_max_window_bits=09",
+            "permessage-deflate; server_no_context_takeover; server_no_context_takeover",
+            "permessage-deflate; server_no_context_takeover=1",
+            "permessage-deflate; unknown",
+        ] {
+            assert!(!accepts([refused]), "{refused}");
+        }
+        assert!(!accepts([]));
+    }
+
+    #[test]
+    fn round_trip_without_context() {
+        let json = br#"{"type":"event","payload":{"text":"hello hello hello hello hello"}}"#.repeat(40);
+        let packed = compress(&json).unwrap();
+        assert!(packed.len() < json.len() / 5, "{} -> {}", json.len(), packed.len());
+        assert!(!packed.ends_with(&TAIL));
+        // Each message stands alone: the same input gives the same bytes.
+        assert_eq!(compress(&json).unwrap(), packed);
+        assert_eq!(inflate(&packed, 1 << 20).unwrap(), json);
+        assert_eq!(inflate(&compress(b"").unwrap(), 10).unwrap(), b"");
+        // A stream written with flate2's own sync-flush framing inflates too.
+        let mut c = Compress::new(Compression::fast(), false);
+        let mut out = Vec::with_capacity(1024);
+        c.compress_vec(b"abcabcabc", &mut out, FlushCompress::Sync).unwrap();
+        assert_eq!(inflate(&out[..out.len() - 4], 100).unwrap(), b"abcabcabc");
+    }
+
+    #[test]
+    fn inflate_is_capped_and_rejects_garbage() {
+        // 10 MB of zeros compress to ~10 KB: a bomb for a naive inflater.
+        let bomb = compress(&vec![0u8; 10 << 20]).unwrap();
+        assert!(bomb.len() < 20_000);
+        assert_eq!(inflate(&bomb, 64 * 1024), Err(InflateError::TooBig(64 * 1024)));
+        let ok = vec![b'a'; 64 * 1024];
+        assert_eq!(inflate(&compress(&ok).unwrap(), 64 * 1024).unwrap(), ok);
+        let over = vec![b'a'; 64 * 1024 + 1];
+        assert_eq!(inflate(&compress(&over).unwrap(), 64 * 1024), Err(InflateError::TooBig(64 * 1024)));
+        assert_eq!(inflate(&[0xff, 0xff, 0xff, 0xff, 0x00], 1024), Err(InflateError::Corrupt));
+        // Still usable after an error.
+        assert_eq!(inflate(&compress(b"fine").unwrap(), 1024).unwrap(), b"fine");
+    }
+}

@@ -1,0 +1,121 @@
+//! The HTTP/1.1 WebSocket handshake (RFC 6455 §4.2) as an axum extractor,
+//! with permessage-deflate negotiation, handing the upgraded connection to
+//! the edge's own frame reader and writer.
+
+use std::future::Future;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::io::{ReadHalf, WriteHalf};
+
+use super::deflate;
+use super::frame::{Reader, Writer};
+
+type Io = TokioIo<Upgraded>;
+
+/// An upgraded socket: its reader, its writer, and whether it negotiated
+/// permessage-deflate.
+pub struct Socket {
+    pub reader: Reader<ReadHalf<Io>>,
+    pub writer: Writer<WriteHalf<Io>>,
+    pub deflate: bool,
+}
+
+/// A valid WebSocket upgrade request.
+pub struct WsUpgrade {
+    key: HeaderValue,
+    on_upgrade: OnUpgrade,
+    deflate_offered: bool,
+}
+
+/// The request is not a WebSocket upgrade (wrong method, headers, or a
+/// connection that cannot be upgraded).
+#[derive(Debug)]
+pub struct NotUpgrade(pub &'static str);
+
+impl IntoResponse for NotUpgrade {
+    fn into_response(self) -> Response {
+        (StatusCode::BAD_REQUEST, self.0).into_response()
+    }
+}
+
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
+    type Rejection = NotUpgrade;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, NotUpgrade> {
+        if parts.method != Method::GET {
+            return Err(NotUpgrade("WebSocket handshakes use GET"));
+        }
+        if !header_has_token(&parts.headers, header::CONNECTION, "upgrade") {
+            return Err(NotUpgrade("Connection: upgrade missing"));
+        }
+        if !header_has_token(&parts.headers, header::UPGRADE, "websocket") {
+            return Err(NotUpgrade("Upgrade: websocket missing"));
+        }
+        if parts.headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v.as_bytes() != b"13") {
+            return Err(NotUpgrade("Sec-WebSocket-Version must be 13"));
+        }
+        let key =
+            parts.headers.get(header::SEC_WEBSOCKET_KEY).cloned().ok_or(NotUpgrade("Sec-WebSocket-Key missing"))?;
+        let deflate_offered = deflate::accepts(
+            parts.headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()),
+        );
+        let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or(NotUpgrade("connection cannot be upgraded"))?;
+        Ok(Self { key, on_upgrade, deflate_offered })
+    }
+}
+
+impl WsUpgrade {
+    /// Whether the client offered permessage-deflate in a form the edge accepts.
+    pub fn deflate_offered(&self) -> bool {
+        self.deflate_offered
+    }
+
+    /// Answers 101 (with permessage-deflate when `deflate` is true and the
+    /// client offered it) and runs `callback` on the socket once the
+    /// connection has switched. Client messages larger than `max_message`
+    /// (on the wire or inflated) fail with 1009.
+    pub fn on_upgrade<F, Fut>(self, deflate: bool, max_message: usize, callback: F) -> Response
+    where
+        F: FnOnce(Socket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let deflate = deflate && self.deflate_offered;
+        let on_upgrade = self.on_upgrade;
+        tokio::spawn(async move {
+            let upgraded = match on_upgrade.await {
+                Ok(upgraded) => upgraded,
+                Err(e) => {
+                    tracing::debug!(error = %e, "WebSocket upgrade failed");
+                    return;
+                }
+            };
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            callback(Socket { reader: Reader::new(read, deflate, max_message), writer: Writer::new(write), deflate })
+                .await;
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(self.key.as_bytes());
+        let mut response = Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, HeaderValue::from_static("upgrade"))
+            .header(header::UPGRADE, HeaderValue::from_static("websocket"))
+            .header(header::SEC_WEBSOCKET_ACCEPT, accept);
+        if deflate {
+            response = response.header(header::SEC_WEBSOCKET_EXTENSIONS, HeaderValue::from_static(deflate::RESPONSE));
+        }
+        response.body(axum::body::Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    }
+}
