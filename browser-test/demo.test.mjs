@@ -64,6 +64,11 @@ test("demo page: ready, a published event, select_chat and its message", async (
   const { page, pageErrors } = await openPage(DEMO_URL);
   try {
     await page.waitForSelector('#status[data-state="ready"]', { timeout: WAIT });
+    // Chromium offers permessage-deflate; the edge must have negotiated it.
+    const extensions = await page.getAttribute("#status", "data-extensions");
+    if (!extensions || !extensions.includes("permessage-deflate")) {
+      throw new Error(`permessage-deflate not negotiated: ${JSON.stringify(extensions)}`);
+    }
     await page.waitForSelector(`#events li[data-subject="${chatsSubject}"]`, { timeout: WAIT });
     await page.fill("#chat", "chat1");
     await page.click("#select");
