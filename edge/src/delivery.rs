@@ -18,26 +18,41 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::EdgeState;
 use crate::hub::PublishError;
 
-/// How many recent sequences are remembered per subject.
-const RECENT_PER_SUBJECT: usize = 256;
+/// How many recent sequences are remembered per subject: enough for a busy
+/// subject's redeliveries while a dead edge in its route is retried (about
+/// 20 s of retries at ~200 events/s).
+const RECENT_PER_SUBJECT: usize = 4096;
 /// A subject idle this long is forgotten by the deduplicator.
 const RECENT_IDLE: Duration = Duration::from_secs(600);
+
+/// Recently delivered sequences of one subject.
+struct Recent {
+    seqs: VecDeque<u64>,
+    max: u64,
+    seen: Instant,
+}
 
 /// Recently delivered sequences per subject.
 #[derive(Default)]
 pub struct Dedup {
-    recent: DashMap<Box<str>, (VecDeque<u64>, Instant)>,
+    recent: DashMap<Box<str>, Recent>,
 }
 
 impl Dedup {
     /// Records (subject, seq); false if it was seen recently (a duplicate).
     pub fn first_time(&self, subject: &str, seq: u64) -> bool {
-        let mut entry = self.recent.entry(subject.into()).or_insert_with(|| (VecDeque::new(), Instant::now()));
-        let (seqs, seen) = &mut *entry;
+        let mut entry = self.recent.entry(subject.into()).or_insert_with(|| Recent {
+            seqs: VecDeque::new(),
+            max: 0,
+            seen: Instant::now(),
+        });
+        let Recent { seqs, max, seen } = &mut *entry;
         *seen = Instant::now();
-        if seqs.contains(&seq) {
+        // Fresh events are almost always newer than anything seen: O(1).
+        if seq <= *max && seqs.contains(&seq) {
             return false;
         }
+        *max = (*max).max(seq);
         if seqs.len() >= RECENT_PER_SUBJECT {
             seqs.pop_front();
         }
@@ -47,7 +62,7 @@ impl Dedup {
 
     /// Forgets subjects not seen for a while.
     pub fn sweep(&self) {
-        self.recent.retain(|_, (_, seen)| seen.elapsed() < RECENT_IDLE);
+        self.recent.retain(|_, r| r.seen.elapsed() < RECENT_IDLE);
     }
 }
 
@@ -139,5 +154,19 @@ mod tests {
         assert!(!d.first_time("a", 1));
         assert!(d.first_time("b", 1));
         assert!(d.first_time("a", 2));
+        // Out of order (several routers) is still deduplicated.
+        assert!(d.first_time("a", 0));
+        assert!(!d.first_time("a", 0));
+    }
+
+    #[test]
+    fn remembers_a_busy_subjects_retries() {
+        let d = Dedup::default();
+        for seq in 1..=3000 {
+            assert!(d.first_time("s", seq));
+        }
+        for seq in 1..=3000 {
+            assert!(!d.first_time("s", seq), "{seq} redelivered after 3000 newer events");
+        }
     }
 }

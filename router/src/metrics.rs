@@ -1,0 +1,117 @@
+//! The router's metrics: Prometheus handles (SPEC §8) plus per-instance
+//! counters, so a test or an operator can tell two routers in one process apart.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use metrics::{Counter, Gauge, counter, gauge};
+
+/// One counter both exported to Prometheus and kept for this router instance.
+pub struct Tally {
+    exported: Counter,
+    local: AtomicU64,
+}
+
+impl Tally {
+    fn new(exported: Counter) -> Self {
+        Self { exported, local: AtomicU64::new(0) }
+    }
+
+    /// Adds `n`.
+    pub fn add(&self, n: u64) {
+        self.exported.increment(n);
+        self.local.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Adds one.
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    /// This instance's total so far.
+    pub fn get(&self) -> u64 {
+        self.local.load(Ordering::Relaxed)
+    }
+}
+
+/// Every router metric.
+pub struct RouterMetrics {
+    /// Events every owning edge accepted (acked).
+    pub routed: Tally,
+    /// Events no live edge wanted (acked without delivery).
+    pub unrouted: Tally,
+    /// Invalid subjects or non-JSON bodies (terminated).
+    pub invalid: Tally,
+    /// Messages JetStream delivered more than once.
+    pub redelivered: Tally,
+    /// Naks because the route registry was rebuilding.
+    pub rebuilding_naks: Tally,
+    /// Naks because an edge failed or timed out.
+    pub forward_retries: Tally,
+    /// Naks because Redis could not resolve the routes.
+    pub resolve_errors: Tally,
+    /// Events written to edge gRPC streams.
+    pub grpc_sent: Tally,
+    /// Route memberships removed because their edge's registration was gone.
+    pub dead_members_removed: Tally,
+    /// Times an edge's circuit breaker opened.
+    pub circuit_opened: Tally,
+    /// Messages pulled and not yet acked, nak'ed or terminated.
+    pub in_flight: Gauge,
+}
+
+impl RouterMetrics {
+    /// Registers the handles (installing the process-wide recorder first).
+    pub fn new() -> Self {
+        let _ = daisi_common::telemetry::metrics_handle();
+        Self {
+            routed: Tally::new(counter!("dws_router_routed_total")),
+            unrouted: Tally::new(counter!("dws_router_unrouted_total")),
+            invalid: Tally::new(counter!("dws_router_invalid_total")),
+            redelivered: Tally::new(counter!("dws_router_redelivered_total")),
+            rebuilding_naks: Tally::new(counter!("dws_router_rebuilding_naks_total")),
+            forward_retries: Tally::new(counter!("dws_grpc_forward_retry_attempts_total")),
+            resolve_errors: Tally::new(counter!("dws_router_resolve_errors_total")),
+            grpc_sent: Tally::new(counter!("dws_grpc_messages_sent_total")),
+            dead_members_removed: Tally::new(counter!("dws_router_dead_route_members_removed_total")),
+            circuit_opened: Tally::new(counter!("dws_router_edge_circuit_opened_total")),
+            in_flight: gauge!("dws_router_in_flight_messages"),
+        }
+    }
+
+    /// A snapshot of this instance's counters.
+    pub fn stats(&self) -> RouterStats {
+        RouterStats {
+            routed: self.routed.get(),
+            unrouted: self.unrouted.get(),
+            invalid: self.invalid.get(),
+            redelivered: self.redelivered.get(),
+            rebuilding_naks: self.rebuilding_naks.get(),
+            forward_retries: self.forward_retries.get(),
+            resolve_errors: self.resolve_errors.get(),
+            grpc_sent: self.grpc_sent.get(),
+            dead_members_removed: self.dead_members_removed.get(),
+            circuit_opened: self.circuit_opened.get(),
+        }
+    }
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// This router instance's counters (the Prometheus ones are process-wide).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouterStats {
+    pub routed: u64,
+    pub unrouted: u64,
+    pub invalid: u64,
+    pub redelivered: u64,
+    pub rebuilding_naks: u64,
+    pub forward_retries: u64,
+    pub resolve_errors: u64,
+    pub grpc_sent: u64,
+    pub dead_members_removed: u64,
+    pub circuit_opened: u64,
+}

@@ -1,0 +1,411 @@
+//! The delivery pipeline: pull from the durable consumer (bounded by
+//! `router.max_in_flight`), hand each message to the worker owning its
+//! subject (so one subject keeps stream order), resolve its routes, queue it
+//! to every owning edge without waiting, and ack JetStream only once every
+//! edge accepted it; otherwise nak with a delay, or terminate poison.
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use async_nats::jetstream::AckKind;
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
+use async_nats::jetstream::message::Acker;
+use daisi_common::config::Config;
+use daisi_common::names::Subject;
+use daisi_proto::delivery::Event;
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use metrics::Gauge;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::edges::{DeliveryError, Edges, Outcome};
+use crate::metrics::RouterMetrics;
+use crate::routes::{Resolution, Routes};
+
+/// How long a pull request waits for messages before it is renewed.
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// Idle heartbeat asked of the server, so a dead connection is noticed.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Consecutive stream errors while NATS is connected after which the stream
+/// is taken as stuck and the consumer bound again.
+const STUCK_AFTER_ERRORS: u32 = 3;
+
+/// What every worker shares.
+pub struct Ctx {
+    pub config: watch::Receiver<Arc<Config>>,
+    pub routes: Arc<Routes>,
+    pub edges: Arc<Edges>,
+    pub metrics: Arc<RouterMetrics>,
+    /// Completion tasks (awaiting edge acks), drained on shutdown.
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    resolve_log: LogLimiter,
+}
+
+impl Ctx {
+    pub fn new(
+        config: watch::Receiver<Arc<Config>>,
+        routes: Arc<Routes>,
+        edges: Arc<Edges>,
+        metrics: Arc<RouterMetrics>,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            routes,
+            edges,
+            metrics,
+            tracker: TaskTracker::new(),
+            shutdown,
+            resolve_log: LogLimiter::new(Duration::from_secs(5)),
+        })
+    }
+
+    fn nak_delay(&self) -> Duration {
+        Duration::from_millis(self.config.borrow().router.nak_delay_ms)
+    }
+
+    fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.borrow().router.edge_ack_timeout_ms.max(1))
+    }
+}
+
+/// A pulled message and its share of `max_in_flight`, released when dropped.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    gauge: Gauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+struct Job {
+    message: jetstream::Message,
+    slot: Slot,
+}
+
+/// Logs at most once per period (Redis outages would otherwise log per message).
+struct LogLimiter {
+    period_ms: u64,
+    epoch: Instant,
+    last_ms: AtomicU64,
+}
+
+impl LogLimiter {
+    fn new(period: Duration) -> Self {
+        Self { period_ms: period.as_millis() as u64, epoch: Instant::now(), last_ms: AtomicU64::new(0) }
+    }
+
+    fn allow(&self) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64 + self.period_ms;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        now.saturating_sub(last) >= self.period_ms
+            && self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
+
+/// Workers: a few per core, since each spends most of its time awaiting Redis.
+fn worker_count() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).saturating_mul(8).clamp(8, 64)
+}
+
+/// The worker that owns `subject` (stable for the life of the process).
+pub fn worker_for(subject: &str, workers: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    subject.hash(&mut h);
+    (h.finish() % workers.max(1) as u64) as usize
+}
+
+/// The bound consumer, published for the readiness check (`None` while unbound).
+pub type BoundConsumer = watch::Sender<Option<PullConsumer>>;
+
+/// Runs the pipeline until `shutdown`, then drains: no more pulls, queued
+/// messages are handed back (nak), sent ones wait (bounded) for their acks,
+/// and the final acks are flushed to NATS.
+pub async fn run(nats: async_nats::Client, jetstream: jetstream::Context, ctx: Arc<Ctx>, bound: BoundConsumer) {
+    let cfg = ctx.config.borrow().clone();
+    let semaphore = Arc::new(Semaphore::new(cfg.router.max_in_flight.max(1) as usize));
+    let n = worker_count();
+    let mut senders = Vec::with_capacity(n);
+    let mut workers = Vec::with_capacity(n);
+    for _ in 0..n {
+        // Unbounded: the semaphore already bounds what is queued in total,
+        // and a bounded queue would let one slow subject stall the puller.
+        let (tx, rx) = mpsc::unbounded_channel();
+        senders.push(tx);
+        workers.push(tokio::spawn(worker(rx, ctx.clone())));
+    }
+    pull(&nats, &jetstream, &cfg, &ctx, &senders, semaphore, &bound).await;
+    bound.send_replace(None);
+    drop(senders);
+    join_all(workers).await;
+    ctx.tracker.close();
+    let deadline = ctx.ack_timeout() + Duration::from_secs(2);
+    if tokio::time::timeout(deadline, ctx.tracker.wait()).await.is_err() {
+        tracing::warn!("some deliveries did not finish before shutdown; JetStream will redeliver them");
+    }
+    // Acks are buffered by the client: push them out before it is dropped,
+    // or JetStream redelivers those events after ack_wait.
+    if tokio::time::timeout(Duration::from_secs(2), nats.flush()).await.is_err() {
+        tracing::warn!("could not flush the last acks to NATS; those events will be redelivered");
+    }
+    tracing::info!("router pipeline drained");
+}
+
+/// Whether a pull stream error needs a fresh binding (the consumer may be
+/// gone) rather than letting the stream recover by itself (it re-issues its
+/// pull request when the connection comes back).
+fn needs_rebind(kind: MessagesErrorKind) -> bool {
+    matches!(
+        kind,
+        MessagesErrorKind::ConsumerDeleted
+            | MessagesErrorKind::PushBasedConsumer
+            | MessagesErrorKind::RequestLimitExceeded
+            | MessagesErrorKind::NoResponders
+    )
+}
+
+async fn pull(
+    nats: &async_nats::Client,
+    jetstream: &jetstream::Context,
+    cfg: &Config,
+    ctx: &Arc<Ctx>,
+    workers: &[mpsc::UnboundedSender<Job>],
+    semaphore: Arc<Semaphore>,
+    bound: &BoundConsumer,
+) {
+    let shutdown = &ctx.shutdown;
+    let mut failures: u32 = 0;
+    loop {
+        let Some(consumer) = crate::jetstream::bind(jetstream, &cfg.nats, shutdown).await else { return };
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(cfg.router.pull_batch_size.max(1) as usize)
+            .expires(PULL_EXPIRES)
+            .heartbeat(PULL_HEARTBEAT)
+            .messages()
+            .await;
+        match messages {
+            Ok(mut messages) => {
+                bound.send_replace(Some(consumer));
+                if failures > 0 {
+                    tracing::info!("pulling from JetStream again");
+                }
+                let mut errors_in_row: u32 = 0;
+                loop {
+                    let permit = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return hand_back_buffered(&mut messages).await,
+                        p = semaphore.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => return,
+                        },
+                    };
+                    let next = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => return hand_back_buffered(&mut messages).await,
+                        n = messages.next() => n,
+                    };
+                    match next {
+                        Some(Ok(message)) => {
+                            failures = 0;
+                            errors_in_row = 0;
+                            ctx.metrics.in_flight.increment(1.0);
+                            let slot = Slot { _permit: permit, gauge: ctx.metrics.in_flight.clone() };
+                            let i = worker_for(message.subject.as_str(), workers.len());
+                            if workers[i].send(Job { message, slot }).is_err() {
+                                return;
+                            }
+                        }
+                        Some(Err(e))
+                            if !needs_rebind(e.kind())
+                                && (errors_in_row < STUCK_AFTER_ERRORS
+                                    || daisi_common::deps::nats_connected(nats).is_err()) =>
+                        {
+                            // E.g. missed heartbeats while NATS is away: the
+                            // stream re-pulls on reconnect with the same inbox.
+                            if errors_in_row == 0 {
+                                tracing::warn!(error = %e, "pull stream interrupted; waiting for it to recover");
+                            }
+                            errors_in_row = errors_in_row.saturating_add(1);
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(crate::jetstream::backoff(errors_in_row.min(3))) => {}
+                            }
+                        }
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "pull stream failed; binding the consumer again");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!("pull stream ended; binding the consumer again");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not start pulling; retrying"),
+        }
+        bound.send_replace(None);
+        failures = failures.saturating_add(1);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(crate::jetstream::backoff(failures)) => {}
+        }
+    }
+}
+
+/// On shutdown: messages the server already pushed to this router but that
+/// were not taken yet are nak'ed, so another replica gets them now rather
+/// than after ack_wait.
+async fn hand_back_buffered(messages: &mut pull::Stream) {
+    use futures_util::FutureExt;
+    let mut n = 0u32;
+    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
+        if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+            tracing::debug!(error = %e, "could not hand a buffered message back");
+        }
+        n += 1;
+    }
+    if n > 0 {
+        tracing::info!(messages = n, "handed buffered messages back to JetStream");
+    }
+}
+
+async fn worker(mut rx: mpsc::UnboundedReceiver<Job>, ctx: Arc<Ctx>) {
+    while let Some(job) = rx.recv().await {
+        process(&ctx, job).await;
+    }
+}
+
+async fn settle(acker: &Acker, kind: AckKind, seq: u64) {
+    if let Err(e) = acker.ack_with(kind).await {
+        // Not acked means redelivered after ack_wait: nothing is lost.
+        tracing::debug!(error = %e, event_id = seq, "could not answer JetStream");
+    }
+}
+
+async fn process(ctx: &Arc<Ctx>, job: Job) {
+    let Job { message, slot } = job;
+    let (seq, delivered, published_unix_nanos) = match message.info() {
+        Ok(info) => {
+            (info.stream_sequence, info.delivered, i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "message without JetStream metadata; ignoring it");
+            return;
+        }
+    };
+    if delivered > 1 {
+        ctx.metrics.redelivered.inc();
+    }
+    let (message, acker) = message.split();
+    if ctx.shutdown.is_cancelled() {
+        // Shutting down: hand it straight back so another replica takes it.
+        settle(&acker, AckKind::Nak(None), seq).await;
+        return;
+    }
+    let subject_str = message.subject.as_str();
+    let Some(subject) = Subject::parse(subject_str) else {
+        ctx.metrics.invalid.inc();
+        tracing::warn!(subject = %subject_str, event_id = seq, "terminating an event with an invalid subject");
+        settle(&acker, AckKind::Term, seq).await;
+        return;
+    };
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&message.payload).is_err() {
+        ctx.metrics.invalid.inc();
+        tracing::warn!(subject = %subject_str, event_id = seq, "terminating an event whose body is not JSON");
+        settle(&acker, AckKind::Term, seq).await;
+        return;
+    }
+    let edges = match ctx.routes.resolve(&subject).await {
+        Ok(Resolution::Edges(edges)) => edges,
+        Ok(Resolution::Rebuilding) => {
+            // An empty answer cannot be trusted yet: never ack "no route" now.
+            ctx.metrics.rebuilding_naks.inc();
+            tracing::debug!(subject = %subject_str, event_id = seq, "route registry rebuilding; retrying later");
+            settle(&acker, AckKind::Nak(Some(ctx.nak_delay())), seq).await;
+            return;
+        }
+        Err(e) => {
+            ctx.metrics.resolve_errors.inc();
+            if ctx.resolve_log.allow() {
+                tracing::warn!(error = %e, "route resolution failed; events are retried");
+            }
+            settle(&acker, AckKind::Nak(Some(ctx.nak_delay())), seq).await;
+            return;
+        }
+    };
+    if edges.is_empty() {
+        ctx.metrics.unrouted.inc();
+        settle(&acker, AckKind::Ack, seq).await;
+        return;
+    }
+    let event = Event { subject: subject_str.to_string(), seq, published_unix_nanos, payload: message.payload.clone() };
+    // Queued in stream order to every edge now; the acks are awaited apart,
+    // so this worker moves on to the next event at once.
+    let outcomes: Vec<(Arc<str>, Outcome)> =
+        edges.iter().map(|target| (target.pod.clone(), ctx.edges.deliver(target, event.clone()))).collect();
+    let ctx2 = ctx.clone();
+    ctx.tracker.spawn(async move {
+        complete(&ctx2, &acker, outcomes, seq).await;
+        drop(slot);
+    });
+}
+
+/// Acks once every edge accepted; naks with a delay otherwise.
+async fn complete(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, seq: u64) {
+    let timeout = ctx.ack_timeout();
+    let results = join_all(outcomes.into_iter().map(|(pod, outcome)| async move {
+        let result = match tokio::time::timeout(timeout, outcome).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(DeliveryError::Closed),
+            Err(_) => Err(DeliveryError::Timeout),
+        };
+        (pod, result)
+    }))
+    .await;
+    let failed: Vec<_> = results.into_iter().filter_map(|(pod, r)| r.err().map(|e| (pod, e))).collect();
+    if failed.is_empty() {
+        ctx.metrics.routed.inc();
+        settle(acker, AckKind::Ack, seq).await;
+    } else {
+        ctx.metrics.forward_retries.inc();
+        tracing::debug!(event_id = seq, failed = ?failed, "not every edge accepted; redelivery after the nak delay");
+        settle(acker, AckKind::Nak(Some(ctx.nak_delay())), seq).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_subject_always_maps_to_one_worker() {
+        let n = 16;
+        for s in ["websocket.c.a.chats", "websocket.c.a.messages.x", "websocket.c2.a.agents"] {
+            let w = worker_for(s, n);
+            assert!(w < n);
+            assert!((0..100).all(|_| worker_for(s, n) == w));
+        }
+        let spread: std::collections::HashSet<_> =
+            (0..200).map(|i| worker_for(&format!("websocket.c{i}.a.chats"), n)).collect();
+        assert!(spread.len() > n / 2, "subjects spread over workers");
+    }
+
+    #[test]
+    fn log_limiter_allows_once_per_period() {
+        let l = LogLimiter::new(Duration::from_secs(60));
+        assert!(l.allow());
+        assert!(!l.allow());
+    }
+}
