@@ -868,6 +868,15 @@ mod tests {
     }
 
     #[test]
+    fn readme_lists_every_key_and_its_environment_name() {
+        let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+        for (key, env) in env_keys() {
+            assert!(readme.contains(&format!("`{key}`")), "README misses key {key}");
+            assert!(readme.contains(&format!("`{env}`")), "README misses {env}");
+        }
+    }
+
+    #[test]
     fn router_needs_only_the_internal_token() {
         let c = load("auth:\n  internal_token: t\n", &[], Role::Router).unwrap();
         assert_eq!(c.auth.internal_token.expose(), "t");
