@@ -105,7 +105,7 @@ fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
             // Retrying cannot fix these: count them and accept the batch.
             Err(PublishError::BadSubject(_)) | Err(PublishError::BadPayload) => {
                 counter!("dws_grpc_invalid_events_total").increment(1);
-                tracing::warn!(subject = %event.subject, seq = event.seq, "dropping invalid event from router");
+                tracing::warn!(subject = %event.subject, event_id = event.seq, "dropping invalid event from router");
             }
         }
     }
