@@ -219,7 +219,7 @@ async fn close_with(socket: Socket, error: Option<Bytes>, code: u16, reason: &st
 async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest, _permit: OwnedSemaphorePermit) {
     let identity = match authenticate(&state, &req) {
         Ok(i) => i,
-        Err((code, message)) => return reject(socket, code, message).await,
+        Err((code, message)) => return Box::pin(reject(socket, code, message)).await,
     };
     let session_key = identity.session_key();
     let span = match &identity {
@@ -254,26 +254,29 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest, _perm
         let shared = state.hub.new_socket(policy);
         tracing::Span::current().record("request_id", format!("{}-{}", state.presence.pod_id(), shared.id));
         let last_activity = Arc::new(AtomicU64::new(state.presence.now_secs()));
-        let owner = match state.presence.acquire(&session_key, &shared, last_activity.clone()).await {
+        // One-off steps are boxed so the future that stays resident for the
+        // socket's life holds only the idle loop's state (see 0006).
+        let owner = match Box::pin(state.presence.acquire(&session_key, &shared, last_activity.clone())).await {
             Ok(owner) => owner,
             Err(AcquireError::Conflict) => {
                 tracing::info!("session held by another live socket");
-                return reject(socket, ErrorCode::SessionConflict, "session is active on another connection").await;
+                return Box::pin(reject(socket, ErrorCode::SessionConflict, "session is active on another connection"))
+                    .await;
             }
             Err(AcquireError::Redis(e)) => {
                 tracing::warn!(error = %e, "session lock failed");
-                return reject(socket, ErrorCode::InternalServerError, "session store unavailable").await;
+                return Box::pin(reject(socket, ErrorCode::InternalServerError, "session store unavailable")).await;
             }
         };
         let (hub_key, route_key) = identity.base_subscription();
         state.hub.subscribe(&hub_key, &shared);
-        if let Err(e) = state.presence.add_route(&route_key, RouteClass::Plain).await {
+        if let Err(e) = Box::pin(state.presence.add_route(&route_key, RouteClass::Plain)).await {
             tracing::warn!(error = %e, "route registration failed");
             state.hub.unsubscribe(&hub_key, shared.id);
             state.presence.remove_route(&route_key);
-            state.presence.release(&session_key, &owner).await;
+            Box::pin(state.presence.release(&session_key, &owner)).await;
             state.hub.forget(&shared);
-            return reject(socket, ErrorCode::SubscriptionFailure, "could not register routes").await;
+            return Box::pin(reject(socket, ErrorCode::SubscriptionFailure, "could not register routes")).await;
         }
         let kind_gauge = match identity {
             Identity::User(_) => &state.metrics.active_user,
@@ -305,12 +308,12 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest, _perm
             state.hub.unsubscribe(&subject, shared.id);
             state.presence.remove_route(&route);
         }
-        state.presence.release(&session_key, &owner).await;
+        Box::pin(state.presence.release(&session_key, &owner)).await;
         state.hub.forget(&shared);
         kind_gauge.decrement(1.0);
         state.metrics.connection_duration.record(started.elapsed().as_secs_f64());
         tracing::debug!(?end, "socket closed");
-        end.close(&state, &shared, tx, rx).await;
+        Box::pin(end.close(&state, &shared, tx, rx)).await;
     }
     .instrument(span)
     .await
