@@ -131,7 +131,9 @@ pub struct NatsConfig {
     pub retry_on_failed_connect: bool,
     /// Max age of a stream the router creates, in seconds.
     pub stream_max_age_seconds: u64,
-    /// Messages kept per subject in a stream the router creates.
+    /// Messages kept per subject in a stream the router creates. Events older than
+    /// this many on one subject are discarded by JetStream even if not yet
+    /// delivered, so it must cover the longest backlog of a subject in an outage.
     pub stream_max_msgs_per_subject: i64,
     /// Where a consumer the router creates starts: `new` or `all`.
     pub consumer_deliver_policy: DeliverPolicy,
@@ -151,7 +153,7 @@ impl Default for NatsConfig {
             consumer_name: "ws_fanout".into(),
             retry_on_failed_connect: true,
             stream_max_age_seconds: 7 * 24 * 3600,
-            stream_max_msgs_per_subject: 100,
+            stream_max_msgs_per_subject: 10_000,
             consumer_deliver_policy: DeliverPolicy::New,
             consumer_ack_wait_seconds: 30,
             consumer_max_deliver: 1000,

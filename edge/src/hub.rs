@@ -20,6 +20,13 @@ use crate::metrics::EdgeMetrics;
 use crate::protocol;
 use crate::ws::{deflate, frame};
 
+/// Under `drop_oldest`, how long a queue may stay over capacity (a burst being
+/// written out) before its oldest frames are dropped.
+pub const BURST_GRACE: Duration = Duration::from_millis(250);
+/// Under `drop_oldest`, how far past capacity a burst may grow before drops
+/// start regardless of `BURST_GRACE`.
+pub const BURST_FACTOR: usize = 16;
+
 /// One frame waiting for a socket, with the JetStream publish time of its
 /// event (unix nanoseconds, 0 = none) for the delivery-latency histogram.
 #[derive(Clone)]
@@ -163,9 +170,18 @@ impl SocketShared {
         if q.items.len() >= self.policy.capacity {
             match self.policy.drop_policy {
                 DropPolicy::DropOldest => {
-                    q.items.pop_front();
-                    self.metrics.dropped.increment(1);
-                    self.metrics.buffer_used.decrement(1.0);
+                    // A socket that is writing drains a burst (a router's
+                    // backlog after a restart) in milliseconds; only a queue
+                    // that stays over capacity, or grows far past it, drops.
+                    let since = *q.full_since.get_or_insert_with(Instant::now);
+                    let hard_cap = self.policy.capacity.saturating_mul(BURST_FACTOR);
+                    if q.items.len() >= hard_cap || since.elapsed() >= BURST_GRACE {
+                        while q.items.len() >= self.policy.capacity {
+                            q.items.pop_front();
+                            self.metrics.dropped.increment(1);
+                            self.metrics.buffer_used.decrement(1.0);
+                        }
+                    }
                 }
                 DropPolicy::Block => {
                     // Nothing is dropped: the queue may exceed its capacity
@@ -252,6 +268,9 @@ impl SocketShared {
 
     /// When the socket must be closed as too slow if the queue stays over capacity.
     pub fn block_deadline(&self) -> Option<Instant> {
+        if self.policy.drop_policy != DropPolicy::Block {
+            return None;
+        }
         self.lock().full_since.map(|t| t + self.policy.block_timeout)
     }
 
@@ -423,14 +442,38 @@ mod tests {
     }
 
     #[test]
-    fn drop_oldest_keeps_newest() {
+    fn drop_oldest_absorbs_a_burst_then_drops_oldest_once_it_lasts() {
         let hub = hub();
         let s = hub.new_socket(policy(3, DropPolicy::DropOldest));
         hub.subscribe("websocket.c.a.chats", &s);
-        for seq in 1..=5 {
+        // A burst well past capacity is kept while it is young.
+        for seq in 1..=10 {
             assert_eq!(hub.publish("websocket.c.a.chats", seq, 0, b"{}").unwrap(), 1);
         }
-        assert_eq!(seqs(&s), vec![3, 4, 5]);
+        assert_eq!(seqs(&s), (1..=10).collect::<Vec<_>>());
+        // A queue that stays over capacity past the grace period drops the oldest.
+        for seq in 11..=15 {
+            hub.publish("websocket.c.a.chats", seq, 0, b"{}").unwrap();
+        }
+        std::thread::sleep(BURST_GRACE + Duration::from_millis(20));
+        hub.publish("websocket.c.a.chats", 16, 0, b"{}").unwrap();
+        assert_eq!(seqs(&s), vec![14, 15, 16]);
+    }
+
+    #[test]
+    fn drop_oldest_caps_a_burst_at_its_hard_limit() {
+        let hub = hub();
+        let s = hub.new_socket(policy(2, DropPolicy::DropOldest));
+        hub.subscribe("websocket.c.a.chats", &s);
+        let n = (2 * BURST_FACTOR + 5) as u64;
+        for seq in 1..=n {
+            hub.publish("websocket.c.a.chats", seq, 0, b"{}").unwrap();
+        }
+        let got = seqs(&s);
+        assert!(got.len() < 2 * BURST_FACTOR, "never more than the hard cap: {}", got.len());
+        assert_eq!(got.last(), Some(&n), "the newest survives");
+        assert!(got.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(s.block_deadline(), None, "drop_oldest never closes a socket as too slow");
     }
 
     #[test]

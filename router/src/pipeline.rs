@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
-use async_nats::jetstream::consumer::pull::{self, MessagesErrorKind};
 use async_nats::jetstream::message::Acker;
 use daisi_common::config::Config;
 use daisi_common::names::Subject;
@@ -28,12 +27,11 @@ use crate::edges::{DeliveryError, Edges, Outcome};
 use crate::metrics::RouterMetrics;
 use crate::routes::{Resolution, Routes};
 
-/// How long a pull request waits for messages before it is renewed.
-const PULL_EXPIRES: Duration = Duration::from_secs(30);
-/// Idle heartbeat asked of the server, so a dead connection is noticed.
-const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
-/// Consecutive stream errors while NATS is connected after which the stream
-/// is taken as stuck and the consumer bound again.
+/// How long one pull waits for messages before the next is issued; also the
+/// longest a stopping router keeps reading (and handing back) its last pull.
+const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// Consecutive pull errors while NATS is connected after which the consumer
+/// is taken as gone and bound again.
 const STUCK_AFTER_ERRORS: u32 = 3;
 
 /// What every worker shares.
@@ -161,19 +159,6 @@ pub async fn run(nats: async_nats::Client, jetstream: jetstream::Context, ctx: A
     tracing::info!("router pipeline drained");
 }
 
-/// Whether a pull stream error needs a fresh binding (the consumer may be
-/// gone) rather than letting the stream recover by itself (it re-issues its
-/// pull request when the connection comes back).
-fn needs_rebind(kind: MessagesErrorKind) -> bool {
-    matches!(
-        kind,
-        MessagesErrorKind::ConsumerDeleted
-            | MessagesErrorKind::PushBasedConsumer
-            | MessagesErrorKind::RequestLimitExceeded
-            | MessagesErrorKind::NoResponders
-    )
-}
-
 async fn pull(
     nats: &async_nats::Client,
     jetstream: &jetstream::Context,
@@ -184,100 +169,96 @@ async fn pull(
     bound: &BoundConsumer,
 ) {
     let shutdown = &ctx.shutdown;
+    let batch_size = cfg.router.pull_batch_size.max(1) as usize;
     let mut failures: u32 = 0;
     loop {
         let Some(consumer) = crate::jetstream::bind(jetstream, &cfg.nats, shutdown).await else { return };
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(cfg.router.pull_batch_size.max(1) as usize)
-            .expires(PULL_EXPIRES)
-            .heartbeat(PULL_HEARTBEAT)
-            .messages()
-            .await;
-        match messages {
-            Ok(mut messages) => {
-                bound.send_replace(Some(consumer));
-                if failures > 0 {
-                    tracing::info!("pulling from JetStream again");
-                }
-                let mut errors_in_row: u32 = 0;
-                loop {
-                    let permit = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return hand_back_buffered(&mut messages).await,
-                        p = semaphore.clone().acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => return,
-                        },
-                    };
-                    let next = tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return hand_back_buffered(&mut messages).await,
-                        n = messages.next() => n,
-                    };
-                    match next {
-                        Some(Ok(message)) => {
-                            failures = 0;
-                            errors_in_row = 0;
-                            ctx.metrics.in_flight.increment(1.0);
-                            let slot = Slot { _permit: permit, gauge: ctx.metrics.in_flight.clone() };
-                            let i = worker_for(message.subject.as_str(), workers.len());
-                            if workers[i].send(Job { message, slot }).is_err() {
-                                return;
-                            }
-                        }
-                        Some(Err(e))
-                            if !needs_rebind(e.kind())
-                                && (errors_in_row < STUCK_AFTER_ERRORS
-                                    || daisi_common::deps::nats_connected(nats).is_err()) =>
-                        {
-                            // E.g. missed heartbeats while NATS is away: the
-                            // stream re-pulls on reconnect with the same inbox.
-                            if errors_in_row == 0 {
-                                tracing::warn!(error = %e, "pull stream interrupted; waiting for it to recover");
-                            }
-                            errors_in_row = errors_in_row.saturating_add(1);
-                            tokio::select! {
-                                _ = shutdown.cancelled() => return,
-                                _ = tokio::time::sleep(crate::jetstream::backoff(errors_in_row.min(3))) => {}
-                            }
-                        }
-                        Some(Err(e)) => {
-                            tracing::warn!(error = %e, "pull stream failed; binding the consumer again");
-                            break;
-                        }
-                        None => {
-                            tracing::warn!("pull stream ended; binding the consumer again");
-                            break;
-                        }
+        bound.send_replace(Some(consumer.clone()));
+        if failures > 0 {
+            tracing::info!("pulling from JetStream again");
+        }
+        // Short, finite pulls (not an endless pull stream): when the router
+        // stops, the pull in progress is read to its end and what it still
+        // brings is handed back at once, so no message waits out ack_wait.
+        let mut errors_in_row: u32 = 0;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let room = semaphore.available_permits().clamp(1, batch_size);
+            let batch = consumer.batch().max_messages(room).expires(PULL_EXPIRES).messages().await;
+            let mut batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => {
+                    if errors_in_row == 0 {
+                        tracing::warn!(error = %e, "could not pull; retrying");
                     }
+                    errors_in_row = errors_in_row.saturating_add(1);
+                    if errors_in_row >= STUCK_AFTER_ERRORS && daisi_common::deps::nats_connected(nats).is_ok() {
+                        break; // NATS answers but pulls fail: the consumer may be gone.
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(crate::jetstream::backoff(errors_in_row.min(3))) => {}
+                    }
+                    continue;
+                }
+            };
+            let mut handed_back = 0u32;
+            let mut failed = false;
+            while let Some(next) = batch.next().await {
+                let message = match next {
+                    Ok(message) => message,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pull interrupted");
+                        failed = true;
+                        break;
+                    }
+                };
+                let permit = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => None,
+                    p = semaphore.clone().acquire_owned() => p.ok(),
+                };
+                let Some(permit) = permit else {
+                    // Stopping: another replica gets it now, not after ack_wait.
+                    if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+                        tracing::debug!(error = %e, "could not hand a message back");
+                    }
+                    handed_back += 1;
+                    continue;
+                };
+                ctx.metrics.in_flight.increment(1.0);
+                let slot = Slot { _permit: permit, gauge: ctx.metrics.in_flight.clone() };
+                let i = worker_for(message.subject.as_str(), workers.len());
+                if workers[i].send(Job { message, slot }).is_err() {
+                    return;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "could not start pulling; retrying"),
+            if handed_back > 0 {
+                tracing::info!(messages = handed_back, "handed messages back to JetStream");
+            }
+            if failed {
+                errors_in_row = errors_in_row.saturating_add(1);
+                if errors_in_row >= STUCK_AFTER_ERRORS && daisi_common::deps::nats_connected(nats).is_ok() {
+                    break;
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(crate::jetstream::backoff(errors_in_row.min(3))) => {}
+                }
+            } else {
+                failures = 0;
+                errors_in_row = 0;
+            }
         }
+        tracing::warn!("pulls keep failing while NATS answers; binding the consumer again");
         bound.send_replace(None);
         failures = failures.saturating_add(1);
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(crate::jetstream::backoff(failures)) => {}
         }
-    }
-}
-
-/// On shutdown: messages the server already pushed to this router but that
-/// were not taken yet are nak'ed, so another replica gets them now rather
-/// than after ack_wait.
-async fn hand_back_buffered(messages: &mut pull::Stream) {
-    use futures_util::FutureExt;
-    let mut n = 0u32;
-    while let Some(Some(Ok(message))) = messages.next().now_or_never() {
-        if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
-            tracing::debug!(error = %e, "could not hand a buffered message back");
-        }
-        n += 1;
-    }
-    if n > 0 {
-        tracing::info!(messages = n, "handed buffered messages back to JetStream");
     }
 }
 
