@@ -30,6 +30,8 @@ use crate::routes::{Resolution, Routes};
 /// How long one pull waits for messages before the next is issued; also the
 /// longest a stopping router keeps reading (and handing back) its last pull.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
+/// How long past PULL_EXPIRES a pull may stay silent before it is abandoned.
+const PULL_GRACE: Duration = Duration::from_millis(500);
 /// Consecutive pull errors while NATS is connected after which the consumer
 /// is taken as gone and bound again.
 const STUCK_AFTER_ERRORS: u32 = 3;
@@ -206,7 +208,13 @@ async fn pull(
             };
             let mut handed_back = 0u32;
             let mut failed = false;
-            while let Some(next) = batch.next().await {
+            loop {
+                // The server ends a pull within PULL_EXPIRES; if its answer
+                // never comes (NATS restarted mid-pull), stop waiting soon.
+                let next = match tokio::time::timeout(PULL_EXPIRES + PULL_GRACE, batch.next()).await {
+                    Ok(Some(next)) => next,
+                    Ok(None) | Err(_) => break,
+                };
                 let message = match next {
                     Ok(message) => message,
                     Err(e) => {
