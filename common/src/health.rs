@@ -30,6 +30,22 @@ impl Check {
         Self { name, critical: true, run: Arc::new(run) }
     }
 
+    /// Redis answers PING (critical).
+    pub fn redis(conn: redis::aio::ConnectionManager) -> Self {
+        Self::critical("redis", move || {
+            let conn = conn.clone();
+            Box::pin(async move { crate::deps::redis_ping(&conn).await })
+        })
+    }
+
+    /// The NATS client is connected (critical).
+    pub fn nats(client: async_nats::Client) -> Self {
+        Self::critical("nats", move || {
+            let state = crate::deps::nats_connected(&client);
+            Box::pin(async move { state })
+        })
+    }
+
     /// A check that is reported but does not gate readiness.
     pub fn informational<F>(name: &'static str, run: F) -> Self
     where

@@ -162,20 +162,8 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
     daisi_common::telemetry::spawn_process_metrics(Duration::from_secs(5), shutdown.clone());
 
     let checks = vec![
-        health::Check::critical("redis", {
-            let redis = redis.clone();
-            move || {
-                let redis = redis.clone();
-                Box::pin(async move { deps::redis_ping(&redis).await })
-            }
-        }),
-        health::Check::critical("nats", {
-            let nats = nats.clone();
-            move || {
-                let r = deps::nats_connected(&nats);
-                Box::pin(async move { r })
-            }
-        }),
+        health::Check::redis(redis.clone()),
+        health::Check::nats(nats.clone()),
         health::Check::critical("registration", {
             let redis = redis.clone();
             let key = daisi_common::names::edge_key(&pod_id);

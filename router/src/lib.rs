@@ -83,20 +83,8 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
     let pipeline_task = tokio::spawn(pipeline::run(nats.clone(), jetstream, ctx, bound));
 
     let checks = vec![
-        health::Check::critical("redis", {
-            let redis = redis.clone();
-            move || {
-                let redis = redis.clone();
-                Box::pin(async move { deps::redis_ping(&redis).await })
-            }
-        }),
-        health::Check::critical("nats", {
-            let nats = nats.clone();
-            move || {
-                let r = deps::nats_connected(&nats);
-                Box::pin(async move { r })
-            }
-        }),
+        health::Check::redis(redis.clone()),
+        health::Check::nats(nats.clone()),
         health::Check::critical("consumer", {
             let name = format!("{}/{}", cfg.nats.stream_name, cfg.nats.consumer_name);
             move || {
