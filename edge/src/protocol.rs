@@ -79,18 +79,9 @@ pub fn event_frame(subject: &str, seq: u64, payload: &[u8]) -> Option<Bytes> {
     serde_json::from_str::<serde::de::IgnoredAny>(payload).ok()?;
     let subject_json = serde_json::to_string(subject).ok()?;
     let mut out = String::with_capacity(48 + subject_json.len() + payload.len());
-    out.push_str(r#"{"type":"event","seq":"#);
-    out.push_str(itoa(seq).as_str());
-    out.push_str(r#","subject":"#);
-    out.push_str(&subject_json);
-    out.push_str(r#","payload":"#);
-    out.push_str(payload.trim());
-    out.push('}');
+    use std::fmt::Write;
+    write!(out, r#"{{"type":"event","seq":{seq},"subject":{subject_json},"payload":{}}}"#, payload.trim()).ok()?;
     Some(out.into())
-}
-
-fn itoa(n: u64) -> String {
-    n.to_string()
 }
 
 /// A message from the client.
