@@ -31,7 +31,7 @@ if [ "$have" != "$want" ]; then
 fi
 
 echo "browser-test: building daisi-edge, daisi-router and daisi-dev-stack"
-cargo build -q --bins -p daisi-edge -p daisi-router -p daisi-devstack
+cargo build -q --bins -p daisi-edge -p daisi-router -p daisi-dev-stack
 mkdir -p artifacts
 stack_log=artifacts/browser-test-stack.log
 "$CARGO_TARGET_DIR/debug/daisi-dev-stack" --publish-interval-ms 500 >"$stack_log" 2>&1 &

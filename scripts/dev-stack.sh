@@ -6,5 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deps.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/daisi-ws/target}"
-cargo build --bins -p daisi-edge -p daisi-router -p daisi-devstack
+cargo build --bins -p daisi-edge -p daisi-router -p daisi-dev-stack
 exec "$CARGO_TARGET_DIR/debug/daisi-dev-stack" "$@"

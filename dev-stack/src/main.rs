@@ -3,7 +3,7 @@
 //! something failed, 2 on a bad argument.
 #![forbid(unsafe_code)]
 
-use daisi_devstack::args::{self, Parsed};
+use daisi_dev_stack::args::{self, Parsed};
 
 #[tokio::main]
 async fn main() {
@@ -18,6 +18,6 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let code = daisi_devstack::stack::run(args).await;
+    let code = daisi_dev_stack::stack::run(args).await;
     std::process::exit(code);
 }

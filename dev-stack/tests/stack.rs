@@ -24,7 +24,7 @@ fn build_app_binaries(bin_dir: &Path) {
     };
     let target_dir = bin_dir.parent().expect("target dir");
     let mut cmd = Command::new(cargo);
-    cmd.args(["build", "--bins", "-p", "daisi-edge", "-p", "daisi-router", "-p", "daisi-devstack", "--target-dir"])
+    cmd.args(["build", "--bins", "-p", "daisi-edge", "-p", "daisi-router", "-p", "daisi-dev-stack", "--target-dir"])
         .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"));
     if bin_dir.file_name().is_some_and(|n| n == "release") {
