@@ -53,7 +53,7 @@ pub struct ServerConfig {
     pub pod_id: String,
     /// Address routers dial; empty = `<hostname>:<grpc_port>`.
     pub grpc_advertise_addr: String,
-    /// Serve gRPC reflection (not implemented by this build; must stay false).
+    /// Serve the standard gRPC reflection service on the gRPC port.
     pub enable_reflection: bool,
     /// Allowed `Origin` values for WebSocket handshakes; empty = any.
     pub allowed_origins: Vec<String>,
@@ -195,16 +195,24 @@ impl RedisConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
-    /// API key for user sockets and `/generate-token`.
+    /// API key of user sockets (browsers put it in their WebSocket URLs).
+    /// Mints user tokens only with `allow_api_key_minting`.
     pub secret_token: Secret,
     /// AES-256 key (64 hex characters) for user tokens.
     pub token_aes_key: Secret,
-    /// API key for admin sockets and `/admin/generate-token`.
+    /// API key of admin sockets (in an admin's browser). Mints admin tokens
+    /// only with `allow_api_key_minting`.
     pub admin_secret_token: Secret,
     /// AES-256 key (64 hex characters) for admin tokens.
     pub admin_token_aes_key: Secret,
     /// Shared secret routers send in gRPC metadata.
     pub internal_token: Secret,
+    /// The `X-API-Key` of both token endpoints: a secret held only by the
+    /// platform's backend, never by a browser.
+    pub token_issuer_key: Secret,
+    /// Migration only: the user API key also mints user tokens and the admin
+    /// API key admin tokens (the seed's behaviour). Warned about at start.
+    pub allow_api_key_minting: bool,
     /// Earlier user token keys, accepted for decryption only (key rotation).
     pub previous_token_aes_keys: Vec<Secret>,
     /// Earlier admin token keys, accepted for decryption only (key rotation).
@@ -223,6 +231,8 @@ impl Default for AuthConfig {
             admin_secret_token: Secret::default(),
             admin_token_aes_key: Secret::default(),
             internal_token: Secret::default(),
+            token_issuer_key: Secret::default(),
+            allow_api_key_minting: false,
             previous_token_aes_keys: Vec::new(),
             previous_admin_token_aes_keys: Vec::new(),
             token_cache_ttl_seconds: 30,
@@ -518,9 +528,6 @@ impl Config {
                 ));
             }
         }
-        if self.server.enable_reflection {
-            return Err(ConfigError::new("server.enable_reflection", "gRPC reflection is not supported by this build"));
-        }
         if self.nats.url.is_empty() {
             return Err(ConfigError::new("nats.url", "must be set"));
         }
@@ -559,6 +566,25 @@ impl Config {
         ] {
             for (i, secret) in list.iter().enumerate() {
                 check_aes_key(&format!("{key}[{i}]"), secret)?;
+            }
+        }
+        if auth.token_issuer_key.is_empty() {
+            if !auth.allow_api_key_minting {
+                return Err(ConfigError::new(
+                    "auth.token_issuer_key",
+                    "must be set (the token endpoints' key; or set auth.allow_api_key_minting during a migration)",
+                ));
+            }
+        } else {
+            for (other, secret) in
+                [("auth.secret_token", &auth.secret_token), ("auth.admin_secret_token", &auth.admin_secret_token)]
+            {
+                if auth.token_issuer_key == *secret {
+                    return Err(ConfigError::new(
+                        "auth.token_issuer_key",
+                        format!("must differ from {other} (browsers hold that key)"),
+                    ));
+                }
             }
         }
         if auth.token_aes_key == auth.admin_token_aes_key {
@@ -736,7 +762,7 @@ mod tests {
 
     fn good_yaml() -> String {
         format!(
-            "auth:\n  secret_token: user-key\n  admin_secret_token: admin-key\n  internal_token: internal\n  token_aes_key: \"{KEY_A}\"\n  admin_token_aes_key: \"{KEY_B}\"\n"
+            "auth:\n  secret_token: user-key\n  admin_secret_token: admin-key\n  internal_token: internal\n  token_issuer_key: issuer-key\n  token_aes_key: \"{KEY_A}\"\n  admin_token_aes_key: \"{KEY_B}\"\n"
         )
     }
 
@@ -808,6 +834,9 @@ mod tests {
             (good.replace(KEY_A, "abc"), vec![], Role::Edge, "auth.token_aes_key"),
             (good.replace(KEY_B, &"z".repeat(64)), vec![], Role::Edge, "auth.admin_token_aes_key"),
             (good.replace("secret_token: user-key", "secret_token: \"\""), vec![], Role::Edge, "auth.secret_token"),
+            (good.replace("token_issuer_key: issuer-key", ""), vec![], Role::Edge, "auth.token_issuer_key"),
+            (good.replace("issuer-key", "user-key"), vec![], Role::Edge, "auth.token_issuer_key"),
+            (good.replace("issuer-key", "admin-key"), vec![], Role::Edge, "auth.token_issuer_key"),
             (
                 good.replace("internal_token: internal", "internal_token: \"\""),
                 vec![],
@@ -858,6 +887,7 @@ mod tests {
             ("DAISI_WS_AUTH_SECRET_TOKEN", "k"),
             ("DAISI_WS_AUTH_ADMIN_SECRET_TOKEN", "ak"),
             ("DAISI_WS_AUTH_INTERNAL_TOKEN", "i"),
+            ("DAISI_WS_AUTH_TOKEN_ISSUER_KEY", "t"),
             ("DAISI_WS_AUTH_TOKEN_AES_KEY", KEY_A),
             ("DAISI_WS_AUTH_ADMIN_TOKEN_AES_KEY", KEY_B),
         ];
@@ -870,12 +900,24 @@ mod tests {
     }
 
     #[test]
-    fn readme_lists_every_key_and_its_environment_name() {
-        let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+    fn configuration_doc_lists_every_key_and_its_environment_name() {
+        let doc =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/CONFIGURATION.md")).unwrap();
         for (key, env) in env_keys() {
-            assert!(readme.contains(&format!("`{key}`")), "README misses key {key}");
-            assert!(readme.contains(&format!("`{env}`")), "README misses {env}");
+            assert!(doc.contains(&format!("`{key}`")), "docs/CONFIGURATION.md misses key {key}");
+            assert!(doc.contains(&format!("`{env}`")), "docs/CONFIGURATION.md misses {env}");
         }
+    }
+
+    #[test]
+    fn api_key_minting_is_a_migration_switch() {
+        let without_issuer = good_yaml().replace("token_issuer_key: issuer-key", "");
+        assert_eq!(load(&without_issuer, &[], Role::Edge).unwrap_err().key, "auth.token_issuer_key");
+        let c = load(&without_issuer, &[("DAISI_WS_AUTH_ALLOW_API_KEY_MINTING", "true")], Role::Edge).unwrap();
+        assert!(c.auth.allow_api_key_minting && c.auth.token_issuer_key.is_empty());
+        let c = load(&good_yaml(), &[], Role::Edge).unwrap();
+        assert!(!c.auth.allow_api_key_minting);
+        assert_eq!(c.auth.token_issuer_key.expose(), "issuer-key");
     }
 
     #[test]
@@ -900,7 +942,7 @@ mod tests {
     fn masked_output_hides_secrets() {
         let c = load(&good_yaml(), &[], Role::Edge).unwrap();
         let text = format!("{} {:?}", c.to_masked_json(), c);
-        for secret in ["user-key", "admin-key", "internal", KEY_A, KEY_B] {
+        for secret in ["user-key", "admin-key", "internal", "issuer-key", KEY_A, KEY_B] {
             assert!(!text.contains(&format!("\"{secret}\"")), "{secret} leaked");
         }
         assert!(text.contains("***"));

@@ -141,7 +141,7 @@ mod tests {
 
     fn yaml(secret: &str, ping: u64, port: u16) -> String {
         format!(
-            "server:\n  http_port: {port}\napp:\n  ping_interval_seconds: {ping}\nauth:\n  secret_token: {secret}\n  admin_secret_token: a\n  internal_token: i\n  token_aes_key: \"{KEY_A}\"\n  admin_token_aes_key: \"{KEY_B}\"\n"
+            "server:\n  http_port: {port}\napp:\n  ping_interval_seconds: {ping}\nauth:\n  secret_token: {secret}\n  admin_secret_token: a\n  internal_token: i\n  token_issuer_key: t\n  token_aes_key: \"{KEY_A}\"\n  admin_token_aes_key: \"{KEY_B}\"\n"
         )
     }
 

@@ -49,11 +49,22 @@ impl Default for Args {
     }
 }
 
+/// One event to publish by hand (`daisi-dev-stack publish`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publish {
+    pub nats_url: String,
+    pub subject: String,
+    /// The message body, already checked to be JSON.
+    pub payload: String,
+}
+
 /// The outcome of parsing.
 #[derive(Debug, PartialEq)]
 pub enum Parsed {
     Run(Args),
+    Publish(Publish),
     Help,
+    PublishHelp,
 }
 
 /// Usage text.
@@ -78,12 +89,66 @@ options:
   --publish-interval-ms MS    sample event period (default 1000)
   --no-publisher              do not publish sample events
   --ready-timeout-secs S      how long to wait for every /ready (default 60)
-  -h, --help                  this text";
+  -h, --help                  this text
+
+usage: daisi-dev-stack publish --nats-url URL SUBJECT JSON
+  publishes one event to the running stack's JetStream (the banner prints the
+  command with its NATS URL) and prints its stream sequence; see `publish --help`.";
+
+/// Usage text of `publish`.
+pub const PUBLISH_USAGE: &str = "\
+usage: daisi-dev-stack publish --nats-url URL SUBJECT JSON
+
+Publishes one event to JetStream, as the platform would, and prints its stream
+sequence (the `seq` that sockets see). The dev stack's banner prints this
+command with its NATS URL filled in.
+
+  --nats-url URL   the stack's NATS (its NATS_URL= line)
+  SUBJECT          websocket.{company}.{agent}.chats
+                   websocket.{company}.{agent}.messages.{chat_id}
+                   websocket.{company}.{agent}.agents
+  JSON             the message body; must be JSON
+
+example:
+  daisi-dev-stack publish --nats-url nats://127.0.0.1:4222 websocket.demo.agent1.chats '{\"text\":\"hello\"}'";
+
+/// Parses the arguments of `publish` (after the word `publish`).
+fn parse_publish(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
+    let mut nats_url = None;
+    let mut rest = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(raw) = it.next() {
+        match raw.as_str() {
+            "-h" | "--help" => return Ok(Parsed::PublishHelp),
+            "--nats-url" => nats_url = Some(it.next().ok_or("--nats-url needs a value")?),
+            s if s.starts_with("--nats-url=") => nats_url = Some(s["--nats-url=".len()..].to_string()),
+            s if s.starts_with("--") => return Err(format!("unknown argument `{s}` (try publish --help)")),
+            _ => rest.push(raw),
+        }
+    }
+    let nats_url = nats_url.ok_or("publish needs --nats-url URL (the stack prints it as NATS_URL=)")?;
+    let [subject, payload]: [String; 2] =
+        rest.try_into().map_err(|_| "publish needs SUBJECT and JSON (try publish --help)".to_string())?;
+    if daisi_common::names::Subject::parse(&subject).is_none() {
+        return Err(format!(
+            "`{subject}` is not a product subject: websocket.{{company}}.{{agent}}.chats, \
+             .messages.{{chat_id}} or .agents"
+        ));
+    }
+    if serde_json::from_str::<serde_json::Value>(&payload).is_err() {
+        return Err(format!("the payload must be JSON, got `{payload}`"));
+    }
+    Ok(Parsed::Publish(Publish { nats_url, subject, payload }))
+}
 
 /// Parses the arguments (without the program name).
 pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
     let mut out = Args::default();
-    let mut it = args.into_iter();
+    let mut it = args.into_iter().peekable();
+    if it.peek().is_some_and(|a| a == "publish") {
+        it.next();
+        return parse_publish(it);
+    }
     while let Some(raw) = it.next() {
         let (flag, inline) = match raw.split_once('=') {
             Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
@@ -149,7 +214,7 @@ mod tests {
     fn run(args: &[&str]) -> Result<Args, String> {
         match parse(args.iter().map(|s| s.to_string()))? {
             Parsed::Run(a) => Ok(a),
-            Parsed::Help => Err("help".into()),
+            other => Err(format!("{other:?}")),
         }
     }
 
@@ -163,6 +228,29 @@ mod tests {
         assert!(!a.publisher);
         assert_eq!(run(&["--publish-interval-ms", "200"]).unwrap().publish_interval, Duration::from_millis(200));
         assert_eq!(parse(["--help".to_string()]).unwrap(), Parsed::Help);
+    }
+
+    #[test]
+    fn publish_checks_subject_and_json() {
+        let p = |args: &[&str]| parse(args.iter().map(|s| s.to_string()));
+        assert_eq!(
+            p(&["publish", "--nats-url", "nats://127.0.0.1:1", "websocket.demo.agent1.chats", r#"{"a":1}"#]).unwrap(),
+            Parsed::Publish(Publish {
+                nats_url: "nats://127.0.0.1:1".into(),
+                subject: "websocket.demo.agent1.chats".into(),
+                payload: r#"{"a":1}"#.into()
+            })
+        );
+        assert_eq!(p(&["publish", "--help"]).unwrap(), Parsed::PublishHelp);
+        for (args, needle) in [
+            (&["publish", "websocket.demo.agent1.chats", "{}"][..], "--nats-url"),
+            (&["publish", "--nats-url", "n", "websocket.demo.agent1.chats"][..], "SUBJECT and JSON"),
+            (&["publish", "--nats-url", "n", "other.subject", "{}"][..], "not a product subject"),
+            (&["publish", "--nats-url", "n", "websocket.demo.agent1.chats", "hello"][..], "JSON"),
+        ] {
+            let e = p(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+        }
     }
 
     #[test]

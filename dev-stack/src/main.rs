@@ -13,6 +13,20 @@ async fn main() {
             println!("{}", args::USAGE);
             return;
         }
+        Ok(Parsed::PublishHelp) => {
+            println!("{}", args::PUBLISH_USAGE);
+            return;
+        }
+        Ok(Parsed::Publish(p)) => match daisi_dev_stack::publisher::publish_one(&p).await {
+            Ok(seq) => {
+                println!("published to {} (stream seq {seq})", p.subject);
+                return;
+            }
+            Err(e) => {
+                eprintln!("daisi-dev-stack publish: {e}");
+                std::process::exit(1);
+            }
+        },
         Err(e) => {
             eprintln!("daisi-dev-stack: {e}");
             std::process::exit(2);

@@ -61,6 +61,19 @@ async fn publish(js: &async_nats::jetstream::Context, subject: String, body: &Va
     Ok(ack.sequence)
 }
 
+/// Publishes one event by hand (`daisi-dev-stack publish`): connects once
+/// (no retry: the stack must be running) and waits for JetStream's ack.
+pub async fn publish_one(p: &crate::args::Publish) -> Result<u64, String> {
+    let connect = async_nats::ConnectOptions::new().name("daisi-dev-stack publish").connect(p.nats_url.as_str());
+    let client = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| format!("no answer from {} within 5s", p.nats_url))?
+        .map_err(|e| format!("cannot connect to {}: {e} (is the dev stack running?)", p.nats_url))?;
+    let js = async_nats::jetstream::new(client);
+    let body: Value = serde_json::from_str(&p.payload).map_err(|e| format!("the payload must be JSON: {e}"))?;
+    publish(&js, p.subject.clone(), &body).await.map_err(|e| format!("publish to {} failed: {e}", p.subject))
+}
+
 /// Publishes until `stop`, printing progress through `say`.
 pub async fn run(nats_url: String, target: Target, period: Duration, stop: CancellationToken, say: fn(&str)) {
     let client = tokio::select! {

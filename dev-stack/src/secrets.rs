@@ -1,5 +1,5 @@
 //! Fresh dev secrets for one run: random API keys, AES-256 token keys (64 hex
-//! characters) and the internal router→edge token, read from the kernel's
+//! characters), the token issuer key and the internal router→edge token, read from the kernel's
 //! random source. Written to a `0600` env file so a developer can `source` it.
 
 use std::io::{Read, Write};
@@ -13,6 +13,8 @@ pub struct DevSecrets {
     pub user_aes_key: String,
     pub admin_aes_key: String,
     pub internal_token: String,
+    /// `auth.token_issuer_key`: what the platform's backend mints tokens with.
+    pub token_issuer_key: String,
 }
 
 impl std::fmt::Debug for DevSecrets {
@@ -42,6 +44,7 @@ impl DevSecrets {
             user_aes_key,
             admin_aes_key,
             internal_token: random_hex(24)?,
+            token_issuer_key: format!("dev-issuer-{}", random_hex(16)?),
         })
     }
 
@@ -53,6 +56,7 @@ impl DevSecrets {
             ("DAISI_WS_AUTH_TOKEN_AES_KEY", self.user_aes_key.clone()),
             ("DAISI_WS_AUTH_ADMIN_TOKEN_AES_KEY", self.admin_aes_key.clone()),
             ("DAISI_WS_AUTH_INTERNAL_TOKEN", self.internal_token.clone()),
+            ("DAISI_WS_AUTH_TOKEN_ISSUER_KEY", self.token_issuer_key.clone()),
         ]
     }
 
@@ -88,6 +92,7 @@ mod tests {
         }
         assert_ne!(a.user_aes_key, a.admin_aes_key);
         assert!(!format!("{a:?}").contains(&a.api_key));
+        assert!(![&a.api_key, &a.admin_api_key].contains(&&a.token_issuer_key), "browsers never hold the issuer key");
     }
 
     #[test]

@@ -192,7 +192,7 @@ fn user_token(keys: &TokenKeys, args: &Args, user: &str) -> Result<String, Strin
     .map_err(|e| e.to_string())
 }
 
-fn urls(args: &Args, secrets: &DevSecrets, edge_ports: &[u16]) -> Result<Urls, String> {
+fn urls(args: &Args, secrets: &DevSecrets, edge_ports: &[u16], nats_url: &str) -> Result<Urls, String> {
     let keys = TokenKeys::new(&Secret::new(secrets.user_aes_key.clone()), &[]).map_err(|e| e.to_string())?;
     let admin_keys = TokenKeys::new(&Secret::new(secrets.admin_aes_key.clone()), &[]).map_err(|e| e.to_string())?;
     let (c, a) = (&args.company, &args.agent);
@@ -233,10 +233,17 @@ fn urls(args: &Args, secrets: &DevSecrets, edge_ports: &[u16]) -> Result<Urls, S
          \x20Plain WebSocket for user {u1}:\n   {ws1}\n\
          \x20Admin WebSocket (company {c}):\n   {admin_ws}\n\n\
          \x20Sample events: websocket.{c}.{a}.chats and .messages.chat1 / .messages.chat2\n\
-         \x20(select chat1 or chat2 on the page to see its messages).\n\
-         \x20Tokens are valid for 24 h. Press Ctrl-C to stop everything.\n\
+         \x20(select chat1 or chat2 on the page to see its messages).\n\n\
+         \x20Publish an event by hand (from the repository, in another terminal):\n\
+         \x20  scripts/dev-stack.sh publish --nats-url {nats_url} websocket.{c}.{a}.chats '{{\"text\":\"hello\"}}'\n\n\
+         \x20Mint a token as the platform's backend does (with auth.token_issuer_key):\n\
+         \x20  curl -s -X POST http://127.0.0.1:{p1}/generate-token -H 'X-API-Key: {issuer}' \\\n\
+         \x20    -H 'Content-Type: application/json' \\\n\
+         \x20    -d '{{\"company_id\":\"{c}\",\"agent_id\":\"{a}\",\"user_id\":\"u3\",\"expires_in_seconds\":3600}}'\n\n\
+         \x20Tokens are valid for 24 h. Logs: LOG_DIR below. Press Ctrl-C to stop everything.\n\
          ==========================================================================\n",
         u1 = args.user,
+        issuer = secrets.token_issuer_key,
     );
     let lines = vec![
         ("ADMIN_WS_URL".into(), admin_ws),
@@ -408,7 +415,7 @@ async fn start(
     }
 
     // 3. The banner and the machine-readable lines (WS_URL last).
-    let urls = urls(args, &secrets, &edge_http)?;
+    let urls = urls(args, &secrets, &edge_http, &nats_url)?;
     out(&urls.banner);
     let mut lines = vec![
         ("PIDS".to_string(), running.pids()),
@@ -464,7 +471,9 @@ mod tests {
     fn demo_tokens_open_with_the_generated_keys() {
         let args = Args::default();
         let secrets = DevSecrets::generate().unwrap();
-        let urls = urls(&args, &secrets, &[8080, 8081]).unwrap();
+        let urls = urls(&args, &secrets, &[8080, 8081], "nats://127.0.0.1:4222").unwrap();
+        assert!(urls.banner.contains("publish --nats-url nats://127.0.0.1:4222 websocket.demo.agent1.chats"));
+        assert!(urls.banner.contains(&format!("X-API-Key: {}", secrets.token_issuer_key)));
         let ws = &urls.lines.iter().find(|(k, _)| k == "WS_URL").unwrap().1;
         let token = ws.split("token=").nth(1).unwrap().split('&').next().unwrap();
         let keys = TokenKeys::new(&Secret::new(secrets.user_aes_key.clone()), &[]).unwrap();

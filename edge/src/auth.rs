@@ -20,6 +20,8 @@ pub enum KeyKind {
 struct Keys {
     api_key: daisi_common::Secret,
     admin_api_key: daisi_common::Secret,
+    issuer_key: daisi_common::Secret,
+    allow_api_key_minting: bool,
     user: TokenKeys,
     admin: TokenKeys,
 }
@@ -39,7 +41,15 @@ pub struct Auth {
 
 impl Auth {
     /// Builds from validated config (keys are known to be well formed).
+    /// Warns when the migration switch `auth.allow_api_key_minting` is on.
     pub fn new(config: &AuthConfig) -> Result<Self, TokenError> {
+        if config.allow_api_key_minting {
+            tracing::warn!(
+                "auth.allow_api_key_minting is true: the API keys that browsers hold also mint tokens \
+                 (any end user can mint a token for any tenant); give the backend auth.token_issuer_key \
+                 and turn this off"
+            );
+        }
         Ok(Self {
             keys: RwLock::new(Arc::new(Self::keys(config)?)),
             cache: DashMap::new(),
@@ -55,6 +65,8 @@ impl Auth {
         Ok(Keys {
             api_key: config.secret_token.clone(),
             admin_api_key: config.admin_secret_token.clone(),
+            issuer_key: config.token_issuer_key.clone(),
+            allow_api_key_minting: config.allow_api_key_minting,
             user: TokenKeys::new(&config.token_aes_key, &config.previous_token_aes_keys)?,
             admin: TokenKeys::new(&config.admin_token_aes_key, &config.previous_admin_token_aes_keys)?,
         })
@@ -81,6 +93,20 @@ impl Auth {
             KeyKind::User => keys.api_key.matches(candidate),
             KeyKind::Admin => keys.admin_api_key.matches(candidate),
         }
+    }
+
+    /// Whether `candidate` may mint tokens of `kind` (constant time): the
+    /// token issuer key, or, only with `auth.allow_api_key_minting`, the API
+    /// key of that kind. An empty issuer key matches nothing.
+    pub fn may_mint(&self, kind: KeyKind, candidate: &str) -> bool {
+        let keys = self.current();
+        let issuer = keys.issuer_key.matches(candidate);
+        let api_key = keys.allow_api_key_minting
+            && match kind {
+                KeyKind::User => keys.api_key.matches(candidate),
+                KeyKind::Admin => keys.admin_api_key.matches(candidate),
+            };
+        issuer | api_key
     }
 
     /// Seals user claims with the current user key.
@@ -175,6 +201,24 @@ mod tests {
         assert!(auth.api_key_ok(KeyKind::User, "k"));
         assert!(!auth.api_key_ok(KeyKind::User, "ak"));
         assert!(auth.api_key_ok(KeyKind::Admin, "ak"));
+    }
+
+    #[test]
+    fn only_the_issuer_key_mints_unless_migrating() {
+        let mut cfg = AuthConfig { token_issuer_key: Secret::new("issuer"), ..config(1, &[]) };
+        let auth = Auth::new(&cfg).unwrap();
+        for kind in [KeyKind::User, KeyKind::Admin] {
+            assert!(auth.may_mint(kind, "issuer"));
+            assert!(!auth.may_mint(kind, "k") && !auth.may_mint(kind, "ak") && !auth.may_mint(kind, ""));
+        }
+        cfg.allow_api_key_minting = true;
+        auth.reload(&cfg).unwrap();
+        assert!(auth.may_mint(KeyKind::User, "k") && auth.may_mint(KeyKind::Admin, "ak"));
+        assert!(!auth.may_mint(KeyKind::User, "ak") && !auth.may_mint(KeyKind::Admin, "k"));
+        assert!(auth.may_mint(KeyKind::User, "issuer"));
+        cfg.token_issuer_key = Secret::default();
+        auth.reload(&cfg).unwrap();
+        assert!(!auth.may_mint(KeyKind::User, "") && auth.may_mint(KeyKind::User, "k"));
     }
 
     #[test]

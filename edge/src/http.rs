@@ -84,12 +84,16 @@ struct AdminTokenRequest {
     company_id_restriction: Option<String>,
 }
 
-/// API key, content type, size and JSON shape, in that order.
+/// Minting key, content type, size and JSON shape, in that order.
 async fn read_request<T: DeserializeOwned>(state: &EdgeState, kind: KeyKind, req: Request) -> Result<T, ApiError> {
     let key = req.headers().get("x-api-key").and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !state.auth.api_key_ok(kind, key) {
+    if !state.auth.may_mint(kind, key) {
         state.metrics.auth_failure("invalid_api_key");
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "InvalidAPIKey", "missing or wrong X-API-Key"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "InvalidAPIKey",
+            "missing or wrong X-API-Key (tokens are minted with auth.token_issuer_key)",
+        ));
     }
     if !is_json(req.headers()) {
         return Err(ApiError::new(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use daisi_common::Secret;
 use daisi_common::token::{TokenKeys, UserClaims};
 use daisi_testkit::ws::{WsClient, user_token};
-use daisi_testkit::{ADMIN_API_KEY, API_KEY, INTERNAL_TOKEN, USER_AES_KEY, eventually};
+use daisi_testkit::{ADMIN_API_KEY, API_KEY, INTERNAL_TOKEN, TOKEN_ISSUER_KEY, USER_AES_KEY, eventually};
 use support::{EdgeProcess, RunningEdge, Servers, connect_when_up, http};
 
 const T: Duration = Duration::from_secs(10);
@@ -80,7 +80,7 @@ async fn reload_rotates_api_key_and_token_key_live() {
         edge.addr(),
         "POST",
         "/generate-token",
-        &[("content-type", "application/json"), ("x-api-key", "rotated-api-key")],
+        &[("content-type", "application/json"), ("x-api-key", TOKEN_ISSUER_KEY)],
         body,
     )
     .await;
@@ -145,17 +145,30 @@ async fn logs_never_contain_a_secret() {
         .expect_error_then_close("InvalidToken", 4403)
         .await;
     let body = r#"{"company_id":"c1","agent_id":"a1","user_id":"u9","expires_in_seconds":60}"#;
-    let (status, resp) =
-        http(addr, "POST", "/generate-token", &[("content-type", "application/json"), ("x-api-key", API_KEY)], body)
-            .await;
+    let (status, resp) = http(
+        addr,
+        "POST",
+        "/generate-token",
+        &[("content-type", "application/json"), ("x-api-key", TOKEN_ISSUER_KEY)],
+        body,
+    )
+    .await;
     assert_eq!(status, 200);
     let issued = serde_json::from_str::<serde_json::Value>(&resp).unwrap()["token"].as_str().unwrap().to_string();
     c2.close().await;
     assert_eq!(edge.terminate(), Some(0));
     let logs = edge.logs();
     assert!(logs.lines().count() > 5, "trace logging produced lines: {logs}");
-    for secret in [API_KEY, ADMIN_API_KEY, INTERNAL_TOKEN, USER_AES_KEY, daisi_testkit::ADMIN_AES_KEY, &token, &issued]
-    {
+    for secret in [
+        API_KEY,
+        ADMIN_API_KEY,
+        INTERNAL_TOKEN,
+        TOKEN_ISSUER_KEY,
+        USER_AES_KEY,
+        daisi_testkit::ADMIN_AES_KEY,
+        &token,
+        &issued,
+    ] {
         assert!(!logs.contains(secret), "a secret leaked into the logs: {secret}");
     }
 }

@@ -254,7 +254,7 @@ async fn dead_edge_route_membership_expires_while_the_live_one_stays() {
 async fn check_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");
-    std::fs::write(&path, "server:\n  http_port: 8080\nauth:\n  token_aes_key: \"abc\"\n  secret_token: x\n  admin_secret_token: y\n  internal_token: z\n  admin_token_aes_key: \"2222222222222222222222222222222222222222222222222222222222222222\"\n").unwrap();
+    std::fs::write(&path, "server:\n  http_port: 8080\nauth:\n  token_aes_key: \"abc\"\n  secret_token: x\n  admin_secret_token: y\n  internal_token: z\n  token_issuer_key: w\n  admin_token_aes_key: \"2222222222222222222222222222222222222222222222222222222222222222\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_daisi-edge"))
         .arg("--check-config")
         .arg("--config")

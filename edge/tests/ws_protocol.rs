@@ -311,9 +311,10 @@ async fn token_endpoints_issue_tokens_and_reject_bad_requests() {
     let json = ("content-type", "application/json");
     let user_key = ("x-api-key", API_KEY);
     let admin_key = ("x-api-key", daisi_testkit::ADMIN_API_KEY);
+    let issuer = ("x-api-key", daisi_testkit::TOKEN_ISSUER_KEY);
     let body = r#"{"company_id":"c1","agent_id":"a1","user_id":"u1","expires_in_seconds":60}"#;
 
-    let (status, resp) = support::http(addr, "POST", "/generate-token", &[json, user_key], body).await;
+    let (status, resp) = support::http(addr, "POST", "/generate-token", &[json, issuer], body).await;
     assert_eq!(status, 200, "{resp}");
     let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
     assert!(v["expires_at"].as_str().unwrap().ends_with('Z'));
@@ -322,7 +323,7 @@ async fn token_endpoints_issue_tokens_and_reject_bad_requests() {
     c.expect_ready().await;
 
     let admin_body = r#"{"admin_id":"ad1","expires_in_seconds":60,"company_id_restriction":"c1"}"#;
-    let (status, resp) = support::http(addr, "POST", "/admin/generate-token", &[json, admin_key], admin_body).await;
+    let (status, resp) = support::http(addr, "POST", "/admin/generate-token", &[json, issuer], admin_body).await;
     assert_eq!(status, 200, "{resp}");
     let v: serde_json::Value = serde_json::from_str(&resp).unwrap();
     let mut a = WsClient::connect(&edge.admin_url(v["token"].as_str().unwrap())).await;
@@ -332,18 +333,21 @@ async fn token_endpoints_issue_tokens_and_reject_bad_requests() {
     type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, String, u16, &'a str);
     let cases: Vec<Case> = vec![
         ("/generate-token", vec![json], body.into(), 401, "InvalidAPIKey"),
+        // The API keys that browsers hold mint nothing.
+        ("/generate-token", vec![json, user_key], body.into(), 401, "InvalidAPIKey"),
         ("/generate-token", vec![json, admin_key], body.into(), 401, "InvalidAPIKey"),
         ("/admin/generate-token", vec![json, user_key], admin_body.into(), 401, "InvalidAPIKey"),
-        ("/generate-token", vec![("content-type", "text/plain"), user_key], body.into(), 415, "UnsupportedMediaType"),
-        ("/generate-token", vec![json, user_key], "{".into(), 400, "BadRequest"),
-        ("/generate-token", vec![json, user_key], body.replace("c1", "c 1"), 400, "BadRequest"),
-        ("/generate-token", vec![json, user_key], body.replace("60", "0"), 400, "BadRequest"),
-        ("/generate-token", vec![json, user_key], body.replace("60", "2592001"), 400, "BadRequest"),
-        ("/generate-token", vec![json, user_key], r#"{"company_id":"c1"}"#.into(), 400, "BadRequest"),
-        ("/generate-token", vec![json, user_key], too_big, 413, "PayloadTooLarge"),
+        ("/admin/generate-token", vec![json, admin_key], admin_body.into(), 401, "InvalidAPIKey"),
+        ("/generate-token", vec![("content-type", "text/plain"), issuer], body.into(), 415, "UnsupportedMediaType"),
+        ("/generate-token", vec![json, issuer], "{".into(), 400, "BadRequest"),
+        ("/generate-token", vec![json, issuer], body.replace("c1", "c 1"), 400, "BadRequest"),
+        ("/generate-token", vec![json, issuer], body.replace("60", "0"), 400, "BadRequest"),
+        ("/generate-token", vec![json, issuer], body.replace("60", "2592001"), 400, "BadRequest"),
+        ("/generate-token", vec![json, issuer], r#"{"company_id":"c1"}"#.into(), 400, "BadRequest"),
+        ("/generate-token", vec![json, issuer], too_big, 413, "PayloadTooLarge"),
         (
             "/admin/generate-token",
-            vec![json, admin_key],
+            vec![json, issuer],
             r#"{"admin_id":"a*","expires_in_seconds":5}"#.into(),
             400,
             "BadRequest",
@@ -355,7 +359,7 @@ async fn token_endpoints_issue_tokens_and_reject_bad_requests() {
         let v: serde_json::Value = serde_json::from_str(&resp).unwrap_or_else(|_| panic!("JSON error body: {resp}"));
         assert_eq!(v["error"]["code"], code, "{resp}");
     }
-    let (status, resp) = support::http(addr, "GET", "/generate-token", &[user_key], "").await;
+    let (status, resp) = support::http(addr, "GET", "/generate-token", &[issuer], "").await;
     assert_eq!(status, 405);
     assert!(resp.contains("\"error\""), "{resp}");
 }

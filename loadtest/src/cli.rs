@@ -28,7 +28,8 @@ Target (default: start a stack from the built binaries)
   --edges HOST:PORT,...     use a running stack: its edges ...
   --nats URL                ... its NATS (for publishing) ...
   --api-key KEY             ... its user API key ...
-  --token-aes-key HEX       ... and its user token key (else tokens come from POST /generate-token)
+  --token-aes-key HEX       ... and its user token key, or
+  --token-issuer-key KEY    ... its auth.token_issuer_key (tokens from POST /generate-token)
   --edge-pids PID,...       edge processes whose memory is measured
   --stack-edges N (1)       edges of a started stack
   --bin-dir DIR             where daisi-edge and daisi-router are (default: next to this binary)
@@ -63,7 +64,7 @@ pub struct Args {
 }
 
 const FLAGS: [&str; 4] = ["keep-logs", "no-progress", "help", "offer-deflate"];
-const KEYS: [&str; 32] = [
+const KEYS: [&str; 33] = [
     "sockets",
     "hold",
     "agents",
@@ -77,6 +78,7 @@ const KEYS: [&str; 32] = [
     "nats",
     "api-key",
     "token-aes-key",
+    "token-issuer-key",
     "edge-pids",
     "stack-edges",
     "bin-dir",
@@ -163,9 +165,12 @@ fn host_port(s: &str) -> String {
 
 fn external_target(a: &Args, edges: &str) -> anyhow::Result<Target> {
     let api_key = a.str("api-key").context("--api-key is needed with --edges")?.to_string();
-    let minter = match a.str("token-aes-key") {
-        Some(k) => Minter::Local(Box::new(daisi_common::token::TokenKeys::new(&daisi_common::Secret::new(k), &[])?)),
-        None => Minter::Http,
+    let minter = match (a.str("token-aes-key"), a.str("token-issuer-key")) {
+        (Some(k), _) => {
+            Minter::Local(Box::new(daisi_common::token::TokenKeys::new(&daisi_common::Secret::new(k), &[])?))
+        }
+        (None, Some(issuer)) => Minter::Http { issuer_key: issuer.to_string() },
+        (None, None) => bail!("--edges needs --token-aes-key or --token-issuer-key (to get user tokens)"),
     };
     let pids = match a.str("edge-pids") {
         Some(p) => list(p).iter().map(|p| p.parse()).collect::<Result<Vec<u32>, _>>().context("--edge-pids")?,

@@ -86,8 +86,8 @@ pub async fn http(
 pub enum Minter {
     /// Seals them locally with the user token key (what a stack it started uses).
     Local(Box<TokenKeys>),
-    /// Asks the edge's `POST /generate-token` with the API key.
-    Http,
+    /// Asks the edge's `POST /generate-token` with `auth.token_issuer_key`.
+    Http { issuer_key: String },
     /// No tokens (the NATS peer).
     None,
 }
@@ -122,14 +122,14 @@ impl Target {
                 expires_at: unix_now() + 3600,
                 token_id: new_token_id(),
             })?),
-            Minter::Http => {
+            Minter::Http { issuer_key } => {
                 let body = serde_json::json!({"company_id": company, "agent_id": agent, "user_id": user, "expires_in_seconds": 3600})
                     .to_string();
                 let (status, body) = http(
                     &self.ws_addrs[edge],
                     "POST",
                     "/generate-token",
-                    &[("X-API-Key", self.api_key.as_str())],
+                    &[("X-API-Key", issuer_key.as_str())],
                     Some(&body),
                 )
                 .await?;
@@ -267,6 +267,7 @@ struct Secrets {
     user_aes: String,
     admin_aes: String,
     internal: String,
+    issuer: String,
 }
 
 impl Secrets {
@@ -278,6 +279,7 @@ impl Secrets {
             user_aes: hex64(),
             admin_aes: hex64(),
             internal: format!("lt-internal-{}", new_token_id()),
+            issuer: format!("lt-issuer-{}", new_token_id()),
         }
     }
 }
@@ -334,6 +336,7 @@ impl Stack {
             ("DAISI_WS_AUTH_TOKEN_AES_KEY".into(), secrets.user_aes.clone()),
             ("DAISI_WS_AUTH_ADMIN_TOKEN_AES_KEY".into(), secrets.admin_aes.clone()),
             ("DAISI_WS_AUTH_INTERNAL_TOKEN".into(), secrets.internal.clone()),
+            ("DAISI_WS_AUTH_TOKEN_ISSUER_KEY".into(), secrets.issuer.clone()),
             ("DAISI_WS_APP_PING_INTERVAL_SECONDS".into(), opts.ping_interval_seconds.to_string()),
             ("DAISI_WS_APP_PONG_WAIT_SECONDS".into(), opts.pong_wait_seconds.to_string()),
             ("DAISI_WS_LOG_FORMAT".into(), "text".into()),

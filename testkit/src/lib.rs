@@ -254,6 +254,8 @@ pub const ADMIN_AES_KEY: &str = "22222222222222222222222222222222222222222222222
 pub const API_KEY: &str = "test-user-api-key";
 pub const ADMIN_API_KEY: &str = "test-admin-api-key";
 pub const INTERNAL_TOKEN: &str = "test-internal-token";
+/// The key of the token endpoints (`auth.token_issuer_key`).
+pub const TOKEN_ISSUER_KEY: &str = "test-token-issuer-key";
 
 /// A unique suffix for stream, consumer and key names in one test run.
 pub fn unique(prefix: &str) -> String {
@@ -340,6 +342,7 @@ pub fn test_config(nats: &NatsServer, redis: &RedisServer) -> daisi_common::Conf
     c.auth.token_aes_key = Secret::new(USER_AES_KEY);
     c.auth.admin_token_aes_key = Secret::new(ADMIN_AES_KEY);
     c.auth.internal_token = Secret::new(INTERNAL_TOKEN);
+    c.auth.token_issuer_key = Secret::new(TOKEN_ISSUER_KEY);
     c.app.session_ttl_seconds = 5;
     c.app.ttl_refresh_interval_seconds = 1;
     c.app.session_takeover_wait_ms = 2000;

@@ -195,6 +195,7 @@ pub fn yaml_of(cfg: &daisi_common::Config) -> String {
     v["auth"]["token_aes_key"] = a.token_aes_key.expose().into();
     v["auth"]["admin_token_aes_key"] = a.admin_token_aes_key.expose().into();
     v["auth"]["internal_token"] = a.internal_token.expose().into();
+    v["auth"]["token_issuer_key"] = a.token_issuer_key.expose().into();
     // JSON is YAML.
     v.to_string()
 }
