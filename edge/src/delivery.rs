@@ -113,7 +113,8 @@ fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
     BatchAck { batch_id: batch.batch_id, accepted: true, error: String::new() }
 }
 
-/// Serves `EdgeDelivery` on `listener` until the edge shuts down.
+/// Serves `EdgeDelivery` (and gRPC reflection when `server.enable_reflection`)
+/// on `listener` until the edge shuts down.
 pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
     let dedup = Arc::new(Dedup::default());
     {
@@ -130,12 +131,31 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
         });
     }
     let stop = state.shutdown.clone();
+    let enable_reflection = state.cfg().server.enable_reflection;
     let svc = EdgeDeliveryServer::new(Delivery { state, dedup });
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // The standard reflection service, v1 and v1alpha (older clients such as
+    // some grpcurl builds ask for it), over EdgeDelivery's descriptors. It only
+    // describes the schema: calling EdgeDelivery still needs the internal token.
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(daisi_proto::FILE_DESCRIPTOR_SET)
+    };
+    let (reflection_v1, reflection_v1alpha) = match (enable_reflection, builder().build_v1(), builder().build_v1alpha())
+    {
+        (true, Ok(v1), Ok(v1alpha)) => (Some(v1), Some(v1alpha)),
+        (true, Err(e), _) | (true, _, Err(e)) => {
+            tracing::error!(error = %e, "gRPC reflection could not be built; serving without it");
+            (None, None)
+        }
+        (false, ..) => (None, None),
+    };
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(svc)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
         .await;
     if let Err(e) = result {
