@@ -5,11 +5,25 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use figment::Figment;
-use figment::providers::{Format, Serialized, Yaml};
+use figment::providers::{Format, Serialized};
 use figment::value::{Dict, Map, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::secret::Secret;
+
+/// figment's YAML format backed by `serde_yaml_ng`, a maintained fork of the
+/// deprecated `serde_yaml` that figment's own `yaml` feature uses (decision 0021).
+pub struct Yaml;
+
+impl Format for Yaml {
+    type Error = serde_yaml_ng::Error;
+
+    const NAME: &'static str = "YAML";
+
+    fn from_str<T: serde::de::DeserializeOwned>(string: &str) -> Result<T, Self::Error> {
+        serde_yaml_ng::from_str(string)
+    }
+}
 
 /// Prefix of every environment override.
 pub const ENV_PREFIX: &str = "DAISI_WS_";
