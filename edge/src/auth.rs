@@ -2,6 +2,7 @@
 //! their own keys, and a bounded cache of validated tokens that never
 //! outlives a token's expiry. Rebuilt on config reload (key rotation).
 
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -35,8 +36,30 @@ enum Cached {
 /// Token and API key checks for one edge.
 pub struct Auth {
     keys: RwLock<Arc<Keys>>,
-    cache: DashMap<Box<str>, (Cached, Instant)>,
+    cache: DashMap<TokenDigest, (Cached, Instant)>,
     cache_ttl: RwLock<(Duration, usize)>,
+    digest: Digester,
+}
+
+/// A 128-bit keyed digest of a token: the cache key. A token is a few
+/// hundred bytes and every socket has its own, so keying the cache by the
+/// token itself would cost each idle socket that much again.
+type TokenDigest = [u64; 2];
+
+/// Two SipHash instances with random keys unknown outside this process: an
+/// attacker cannot craft a token whose digest collides with a cached one
+/// (which would reuse that token's claims) short of ~2^64 online guesses,
+/// and each guess is a full connection attempt.
+struct Digester([RandomState; 2]);
+
+impl Digester {
+    fn new() -> Self {
+        Self([RandomState::new(), RandomState::new()])
+    }
+
+    fn digest(&self, token: &str) -> TokenDigest {
+        [self.0[0].hash_one(token), self.0[1].hash_one(token)]
+    }
 }
 
 impl Auth {
@@ -54,6 +77,7 @@ impl Auth {
             keys: RwLock::new(Arc::new(Self::keys(config)?)),
             cache: DashMap::new(),
             cache_ttl: RwLock::new(Self::cache_limits(config)),
+            digest: Digester::new(),
         })
     }
 
@@ -140,12 +164,13 @@ impl Auth {
     }
 
     fn cached(&self, token: &str) -> Option<Cached> {
-        let hit = self.cache.get(token)?;
+        let key = self.digest.digest(token);
+        let hit = self.cache.get(&key)?;
         if hit.1 > Instant::now() {
             return Some(hit.0.clone());
         }
         drop(hit);
-        self.cache.remove(token);
+        self.cache.remove(&key);
         None
     }
 
@@ -164,7 +189,7 @@ impl Auth {
                 self.cache.clear();
             }
         }
-        self.cache.insert(token.into(), (claims, until));
+        self.cache.insert(self.digest.digest(token), (claims, until));
     }
 }
 
@@ -239,5 +264,20 @@ mod tests {
         let auth = Auth::new(&config(1, &[])).unwrap();
         let t = auth.seal_user(&claims(unix_now() + 60)).unwrap();
         assert!(auth.admin_token(&t).is_err());
+    }
+
+    #[test]
+    fn the_cache_answers_only_for_the_exact_token() {
+        let auth = Auth::new(&config(1, &[])).unwrap();
+        let t = auth.seal_user(&claims(unix_now() + 60)).unwrap();
+        assert!(auth.user_token(&t).is_ok());
+        assert_eq!(auth.cache.len(), 1);
+        // Any other string, however close, is decrypted (and refused), never served from the cache.
+        let mut forged = t.clone().into_bytes();
+        let i = forged.len() / 2;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert!(auth.user_token(&forged).is_err());
+        assert!(auth.user_token(&t).is_ok());
     }
 }
