@@ -82,9 +82,69 @@ pub struct ScenarioReport {
     pub cpu: Option<CpuReport>,
     /// The edges' own view of the measured phase (daisi only).
     pub edge_side: Option<EdgeSide>,
+    /// CPU time per unit of work of each server-side process: per socket
+    /// connected (idle), per delivery (fanout, routed; the edges and the
+    /// peer) or per event (router, nats, redis), per takeover (migration).
+    #[serde(default)]
+    pub cpu_per_unit: Vec<CpuPerUnit>,
     /// Percentile curve of `latency`: (percentile, ms).
     pub latency_curve: Vec<(f64, f64)>,
     pub errors: Vec<String>,
+}
+
+/// CPU time one process spent per unit of work in a phase.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct CpuPerUnit {
+    /// `edge-0`, `edges` (all edges together), `router`, `nats`, `redis`, `nats-server` (the peer).
+    pub process: String,
+    /// `connect`, `delivery`, `event` or `takeover`.
+    pub unit: String,
+    /// Microseconds of CPU (user + system) per unit.
+    pub micros: f64,
+}
+
+/// Which processes a figure is about: the servers under test and the
+/// dependencies of the stack, not the load clients.
+fn is_server_side(name: &str) -> bool {
+    !matches!(name, "workers" | "harness")
+}
+
+/// CPU per unit of work from a phase's CPU report: `units` of `unit` for
+/// the edges (or the peer), `events` (when given) for the router, NATS and
+/// Redis. Processes that did no measurable work are left out.
+pub fn cpu_per_unit(cpu: &CpuReport, unit: &str, units: u64, events: Option<u64>) -> Vec<CpuPerUnit> {
+    let mut out = Vec::new();
+    let mut edges = (0.0, 0usize);
+    for p in cpu.processes.iter().filter(|p| is_server_side(&p.name)) {
+        let cpu_secs = p.pct_of_core / 100.0 * cpu.secs;
+        let per_event = matches!(p.name.as_str(), "router" | "nats" | "redis");
+        let (unit, n) = match events {
+            Some(e) if per_event => ("event", e),
+            _ => (unit, units),
+        };
+        if p.name.starts_with("edge-") {
+            edges = (edges.0 + cpu_secs, edges.1 + 1);
+        }
+        if n > 0 && cpu_secs > 0.0 {
+            out.push(CpuPerUnit { process: p.name.clone(), unit: unit.into(), micros: cpu_secs * 1e6 / n as f64 });
+        }
+    }
+    if edges.1 > 1 && units > 0 {
+        out.push(CpuPerUnit { process: "edges".into(), unit: unit.into(), micros: edges.0 * 1e6 / units as f64 });
+    }
+    out
+}
+
+impl ScenarioReport {
+    /// The edge side's CPU per unit: all edges together, or the peer's nats-server.
+    pub fn server_cpu_per_unit(&self) -> Option<&CpuPerUnit> {
+        let edges = self.cpu_per_unit.iter().filter(|c| c.process.starts_with("edge")).count();
+        self.cpu_per_unit.iter().find(|c| match edges {
+            0 => c.process == "nats-server",
+            1 => c.process.starts_with("edge-"),
+            _ => c.process == "edges",
+        })
+    }
 }
 
 /// One our/peer comparison.
@@ -166,6 +226,11 @@ impl RunReport {
             };
             push("RSS per socket (bytes)", ours.rss_per_socket_bytes, peer.rss_per_socket_bytes);
             push("connect rate (/s)", Some(ours.connect_rate), Some(peer.connect_rate));
+            if let (Some(a), Some(b)) = (ours.server_cpu_per_unit(), peer.server_cpu_per_unit())
+                && a.unit == b.unit
+            {
+                push(&format!("server CPU µs/{}", a.unit), Some(a.micros), Some(b.micros));
+            }
             if ours.publish.is_some() {
                 push("deliveries/s", Some(ours.deliveries_per_sec), Some(peer.deliveries_per_sec));
                 push("p50 (ms)", ours.latency.as_ref().map(|l| l.p50_ms), peer.latency.as_ref().map(|l| l.p50_ms));
@@ -249,6 +314,11 @@ pub fn table(r: &ScenarioReport) -> String {
     if let Some(c) = &r.cpu {
         rows.push(("cpu (% of a core)", c.to_string()));
     }
+    if !r.cpu_per_unit.is_empty() {
+        let per: Vec<String> =
+            r.cpu_per_unit.iter().map(|c| format!("{} {:.2} µs/{}", c.process, c.micros, c.unit)).collect();
+        rows.push(("cpu per unit", per.join(", ")));
+    }
     for e in &r.errors {
         rows.push(("error", e.clone()));
     }
@@ -296,5 +366,49 @@ mod tests {
         assert_eq!(run.ratios[1].ratio, 0.5);
         assert!(ratio_table(&run.ratios).contains("idle RSS per socket"));
         assert!(table(&run.reports[0]).contains("6000 bytes/socket"));
+    }
+
+    #[test]
+    fn cpu_per_unit_of_edges_router_and_peer() {
+        use crate::cpu::ProcCpu;
+        let proc_ = |name: &str, pct: f64| ProcCpu { name: name.into(), pct_of_core: pct };
+        // 2 s at 50 % = 1 s of CPU per edge; 1,000,000 deliveries, 10,000 events.
+        let cpu = CpuReport {
+            secs: 2.0,
+            processes: vec![
+                proc_("edge-0", 50.0),
+                proc_("edge-1", 50.0),
+                proc_("router", 25.0),
+                proc_("workers", 100.0),
+                proc_("redis", 0.0),
+            ],
+            machine_busy_pct: 90.0,
+        };
+        let per = cpu_per_unit(&cpu, "delivery", 1_000_000, Some(10_000));
+        let find = |p: &str| per.iter().find(|c| c.process == p).map(|c| (c.unit.as_str(), c.micros));
+        assert_eq!(find("edge-0"), Some(("delivery", 1.0)));
+        assert_eq!(find("edges"), Some(("delivery", 2.0)));
+        assert_eq!(find("router"), Some(("event", 50.0)));
+        assert_eq!(find("workers"), None, "load clients are not the server's work");
+        assert_eq!(find("redis"), None, "no measurable work, no figure");
+
+        let ours = ScenarioReport {
+            scenario: "fanout".into(),
+            target: "daisi".into(),
+            cpu_per_unit: per,
+            ..Default::default()
+        };
+        let peer_cpu = CpuReport { secs: 2.0, processes: vec![proc_("nats-server", 100.0)], machine_busy_pct: 0.0 };
+        let peer = ScenarioReport {
+            scenario: "fanout".into(),
+            target: "nats-ws".into(),
+            cpu_per_unit: cpu_per_unit(&peer_cpu, "delivery", 1_000_000, Some(10_000)),
+            ..Default::default()
+        };
+        let mut run = RunReport { reports: vec![ours, peer], ..Default::default() };
+        run.compute_ratios();
+        let r = run.ratios.iter().find(|r| r.metric.contains("µs/delivery")).expect("CPU ratio");
+        assert_eq!((r.ours, r.peer, r.ratio), (2.0, 2.0, 1.0));
+        assert!(table(&run.reports[0]).contains("edges 2.00 µs/delivery"));
     }
 }

@@ -209,6 +209,7 @@ fn base_report(scenario: &str, target: &Target, load: String, o: &Opened) -> Sce
         connect_rate: o.connected as f64 / o.secs.max(1e-9),
         workers: o.workers,
         cpu: Some(o.cpu.clone()),
+        cpu_per_unit: crate::report::cpu_per_unit(&o.cpu, "connect", o.connected, None),
         ..Default::default()
     }
 }
@@ -385,6 +386,8 @@ async fn deliver(
     };
     let pb = bar(common, total, "publishing");
     let sampler = CpuSampler::start(cpu_groups(target, &o.pool));
+    // The work of the phase includes the drain: sampled apart for CPU per unit.
+    let work = CpuSampler::start(cpu_groups(target, &o.pool));
     let stats = publisher
         .run(subjects, rate, duration, |sent| {
             pb.set_position(sent);
@@ -428,6 +431,7 @@ async fn deliver(
     pb.finish_and_clear();
     // The drain ended when the count arrived; progress lags by up to one tick.
     let drain_secs = drain_start.elapsed().as_secs_f64();
+    let work = work.stop();
 
     if let Some(before) = edge_before
         && let Some(after) = crate::scrape::snapshot(&target.ws_addrs).await
@@ -443,6 +447,7 @@ async fn deliver(
     r.lost = expected.saturating_sub(r.delivered);
     r.drain_secs = drain_secs;
     r.deliveries_per_sec = r.delivered as f64 / (stats.secs + drain_secs).max(1e-9);
+    r.cpu_per_unit = crate::report::cpu_per_unit(&work, "delivery", r.delivered, Some(stats.published));
     r.closed_while_held = after.closed;
     r.latency = Some(Summary::of(&h));
     r.latency_curve = stats::percentile_curve(&h);
@@ -564,7 +569,7 @@ pub async fn migration(common: &Common, target: &Target, opts: &MigrationOptions
             },
         )
         .await?;
-    r.cpu = Some(sampler.stop());
+    let cpu = sampler.stop();
     pb.finish_and_clear();
     let mut ms = 0;
     for e in events {
@@ -581,6 +586,8 @@ pub async fn migration(common: &Common, target: &Target, opts: &MigrationOptions
         stats::merge(&mut old, &w.takeover_old_closed);
     }
     let p = o.pool.total();
+    r.cpu_per_unit = crate::report::cpu_per_unit(&cpu, "takeover", p.takeovers, None);
+    r.cpu = Some(cpu);
     let secs = ms as f64 / 1000.0;
     r.takeovers = Some(Takeovers {
         done: p.takeovers,
