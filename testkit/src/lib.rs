@@ -320,6 +320,7 @@ mod tests {
     }
 }
 
+pub mod cluster;
 pub mod ws;
 
 /// A configuration for tests: both servers, free ports on 127.0.0.1, test
