@@ -135,9 +135,12 @@ impl Default for RouterConfig {
 
 /// NATS JetStream: stream, durable consumer and the settings used when the
 /// router creates them (existing ones are never altered).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsConfig {
+    /// One server or a comma-separated list (`nats://`, `tls://`); may carry
+    /// `user:password@` (shown masked).
+    #[serde(serialize_with = "crate::endpoints::serialize_masked_urls")]
     pub url: String,
     pub stream_name: String,
     pub consumer_name: String,
@@ -157,6 +160,24 @@ pub struct NatsConfig {
     pub consumer_max_deliver: i64,
     /// Max unacknowledged messages of a consumer the router creates.
     pub consumer_max_ack_pending: i64,
+    /// Replicas of a stream the router creates (1, or 3 on a NATS cluster).
+    pub stream_replicas: u32,
+    /// User name (with `nats.password`), instead of one in the URL.
+    pub user: String,
+    /// Password for `nats.user`.
+    pub password: Secret,
+    /// Authentication token.
+    pub token: Secret,
+    /// NKey seed (`SU…`) to sign the server's challenge with.
+    pub nkey_seed: Secret,
+    /// A `.creds` file (user JWT and NKey seed).
+    pub credentials_file: String,
+    /// PEM CA certificates to trust for `tls://` servers (empty = system roots).
+    pub tls_ca_file: String,
+    /// PEM client certificate for servers that verify clients (with `nats.tls_key_file`).
+    pub tls_cert_file: String,
+    /// PEM private key of `nats.tls_cert_file`.
+    pub tls_key_file: String,
 }
 
 impl Default for NatsConfig {
@@ -172,6 +193,15 @@ impl Default for NatsConfig {
             consumer_ack_wait_seconds: 30,
             consumer_max_deliver: 1000,
             consumer_max_ack_pending: 10_000,
+            stream_replicas: 1,
+            user: String::new(),
+            password: Secret::default(),
+            token: Secret::default(),
+            nkey_seed: Secret::default(),
+            credentials_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -185,16 +215,47 @@ pub enum DeliverPolicy {
 }
 
 /// Redis connection.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `host:port` or a `redis://` URL.
+    /// `host:port` or a `redis://` / `rediss://` URL (may carry `user:password@`, shown masked).
+    #[serde(serialize_with = "crate::endpoints::serialize_masked_urls")]
     pub address: String,
+    /// ACL user name (`AUTH user password`); wins over one in the URL.
+    pub username: String,
+    /// Password (`AUTH`); wins over one in the URL.
+    pub password: Secret,
+    /// PEM CA certificates to trust for `rediss://` (empty = system roots).
+    pub tls_ca_file: String,
+    /// PEM client certificate for servers that verify clients (with `redis.tls_key_file`).
+    pub tls_cert_file: String,
+    /// PEM private key of `redis.tls_cert_file`.
+    pub tls_key_file: String,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        Self { address: "127.0.0.1:6379".into() }
+        Self {
+            address: "127.0.0.1:6379".into(),
+            username: String::new(),
+            password: Secret::default(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+        }
+    }
+}
+
+// `Debug` shows the masked form (URLs may carry passwords).
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&serde_json::to_string(self).unwrap_or_default())
     }
 }
 
@@ -548,6 +609,7 @@ impl Config {
         if self.redis.address.is_empty() {
             return Err(ConfigError::new("redis.address", "must be set"));
         }
+        crate::endpoints::validate(self).map_err(|(key, message)| ConfigError::new(key, message))?;
         if self.log.level.parse::<tracing_subscriber::EnvFilter>().is_err() {
             return Err(ConfigError::new("log.level", "is not a valid tracing filter"));
         }

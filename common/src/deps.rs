@@ -7,21 +7,54 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use crate::config::{NatsConfig, RedisConfig};
 
-/// Errors opening a dependency client (bad address; not "server down").
+/// Errors opening a dependency client (bad address or credentials file; not
+/// "server down"). Never carries a password: URLs reach the client libraries
+/// without their user part.
 #[derive(Debug, thiserror::Error)]
 pub enum DepsError {
     #[error("redis.address: {0}")]
     Redis(#[source] redis::RedisError),
     #[error("nats.url: {0}")]
     Nats(#[source] async_nats::ConnectError),
+    #[error("{key}: {message}")]
+    Setting { key: &'static str, message: String },
 }
 
 /// Timeout applied to every Redis command, so a hung server is an error, not a stall.
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The Redis client for `config` (also used for pub/sub connections).
+/// The Redis client for `config` (also used for pub/sub connections): `AUTH`
+/// with `redis.username`/`redis.password` when set (they win over the URL's),
+/// `rediss://` with the configured CA and client certificate.
 pub fn redis_client(config: &RedisConfig) -> Result<redis::Client, DepsError> {
-    redis::Client::open(config.url()).map_err(DepsError::Redis)
+    use redis::IntoConnectionInfo;
+    let info = config.url().as_str().into_connection_info().map_err(DepsError::Redis)?;
+    let mut settings = info.redis_settings().clone();
+    if !config.username.is_empty() {
+        settings = settings.set_username(&config.username);
+    }
+    if !config.password.is_empty() {
+        settings = settings.set_password(config.password.expose());
+    }
+    let info = info.set_redis_settings(settings);
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    if !tls {
+        return redis::Client::open(info).map_err(DepsError::Redis);
+    }
+    let read = |key: &'static str, path: &str| {
+        std::fs::read(path).map_err(|e| DepsError::Setting { key, message: format!("cannot read {path}: {e}") })
+    };
+    let root_cert =
+        if config.tls_ca_file.is_empty() { None } else { Some(read("redis.tls_ca_file", &config.tls_ca_file)?) };
+    let client_tls = if config.tls_cert_file.is_empty() {
+        None
+    } else {
+        Some(redis::ClientTlsConfig {
+            client_cert: read("redis.tls_cert_file", &config.tls_cert_file)?,
+            client_key: read("redis.tls_key_file", &config.tls_key_file)?,
+        })
+    };
+    redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert }).map_err(DepsError::Redis)
 }
 
 /// A multiplexed Redis connection that connects on first use and reconnects
@@ -58,7 +91,35 @@ pub async fn nats_client(config: &NatsConfig, name: &str) -> Result<async_nats::
     if config.retry_on_failed_connect {
         opts = opts.retry_on_initial_connect();
     }
-    opts.connect(config.url.as_str()).await.map_err(DepsError::Nats)
+    let ep = crate::endpoints::nats_endpoints(&config.url)
+        .map_err(|message| DepsError::Setting { key: "nats.url", message })?;
+    // async-nats ignores a user part in the URL: hand credentials over as options.
+    if let (Some(user), Some(password)) = (&ep.user, &ep.password) {
+        opts = opts.user_and_password(user.clone(), password.clone());
+    } else if let Some(token) = &ep.token {
+        opts = opts.token(token.clone());
+    } else if !config.user.is_empty() {
+        opts = opts.user_and_password(config.user.clone(), config.password.expose().to_string());
+    } else if !config.token.is_empty() {
+        opts = opts.token(config.token.expose().to_string());
+    } else if !config.nkey_seed.is_empty() {
+        opts = opts.nkey(config.nkey_seed.expose().to_string());
+    } else if !config.credentials_file.is_empty() {
+        opts = opts.credentials_file(&config.credentials_file).await.map_err(|e| DepsError::Setting {
+            key: "nats.credentials_file",
+            message: format!("cannot use {}: {e}", config.credentials_file),
+        })?;
+    }
+    if ep.tls || !config.tls_ca_file.is_empty() {
+        opts = opts.require_tls(true);
+    }
+    if !config.tls_ca_file.is_empty() {
+        opts = opts.add_root_certificates(config.tls_ca_file.clone().into());
+    }
+    if !config.tls_cert_file.is_empty() {
+        opts = opts.add_client_certificate(config.tls_cert_file.clone().into(), config.tls_key_file.clone().into());
+    }
+    opts.connect(ep.servers).await.map_err(DepsError::Nats)
 }
 
 /// A cheap pseudo-random jitter in `0..max_ms` (not for cryptography).

@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod deps;
+pub mod endpoints;
 pub mod health;
 pub mod names;
 pub mod reload;

@@ -37,6 +37,8 @@ pub fn stream_config(cfg: &NatsConfig) -> stream::Config {
         max_messages_per_subject: cfg.stream_max_msgs_per_subject,
         storage: stream::StorageType::File,
         allow_direct: true,
+        // usize from a u32 validated to 1..=5.
+        num_replicas: cfg.stream_replicas as usize,
         ..Default::default()
     }
 }
@@ -157,6 +159,7 @@ mod tests {
             consumer_ack_wait_seconds: 9,
             consumer_max_deliver: -1,
             consumer_max_ack_pending: 42,
+            stream_replicas: 3,
             ..Default::default()
         };
         let s = stream_config(&cfg);
@@ -166,6 +169,7 @@ mod tests {
         assert_eq!(s.max_messages_per_subject, 7);
         assert_eq!(s.storage, stream::StorageType::File);
         assert!(s.allow_direct);
+        assert_eq!(s.num_replicas, 3);
         let c = consumer_config(&cfg);
         assert_eq!(c.durable_name.as_deref(), Some(cfg.consumer_name.as_str()));
         assert_eq!(c.ack_policy, consumer::AckPolicy::Explicit);

@@ -207,7 +207,8 @@ impl RedisCluster {
             .map(|s| s.to_string())
             .chain([node_dir.display().to_string()])
             .collect();
-            let mut node = Node { port: *port, dir: node_dir, args, binary: binary.clone(), child: None, name: "redis-server" };
+            let mut node =
+                Node { port: *port, dir: node_dir, args, binary: binary.clone(), child: None, name: "redis-server" };
             node.spawn()?;
             nodes.push(node);
         }
@@ -399,7 +400,8 @@ impl NatsCluster {
             let conf_path = node_dir.join("nats.conf");
             std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
             let args = vec!["-c".to_string(), conf_path.display().to_string()];
-            let mut node = Node { port: client[i], dir: node_dir, args, binary: binary.clone(), child: None, name: "nats-server" };
+            let mut node =
+                Node { port: client[i], dir: node_dir, args, binary: binary.clone(), child: None, name: "nats-server" };
             node.spawn()?;
             nodes.push(node);
         }
@@ -485,6 +487,77 @@ fn http_get(port: u16, path: &str) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+/// One server with a configuration of the test's own (authentication, TLS),
+/// on a free port, killed on drop.
+pub struct CustomServer {
+    node: Node,
+    _dir: TempDir,
+}
+
+impl CustomServer {
+    /// `nats-server -c <file>` where the file is `config(port, store_dir)`.
+    pub fn nats(config: impl Fn(u16, &std::path::Path) -> String) -> Self {
+        Self::start("nats-server", "nats-server", |port, dir| {
+            let conf = dir.join("nats.conf");
+            std::fs::write(&conf, config(port, &dir.join("js"))).expect("write nats.conf");
+            vec!["-c".into(), conf.display().to_string()]
+        })
+    }
+
+    /// `redis-server` on 127.0.0.1 without persistence, plus `args(port)`;
+    /// `port` is where the harness waits for it to listen.
+    pub fn redis(args: impl Fn(u16) -> Vec<String>) -> Self {
+        Self::start("redis-server", "redis-server", |port, dir| {
+            let mut a: Vec<String> = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            a.push(dir.display().to_string());
+            a.extend(args(port));
+            a
+        })
+    }
+
+    fn start(name: &'static str, package: &str, args: impl Fn(u16, &std::path::Path) -> Vec<String>) -> Self {
+        let binary = find_binary(name, package);
+        let mut last = String::new();
+        for _ in 0..5 {
+            let dir = tempfile::Builder::new().prefix("dws-custom-").tempdir().expect("temp dir");
+            let port = crate::free_port();
+            let mut node = Node {
+                port,
+                dir: dir.path().to_path_buf(),
+                args: args(port, dir.path()),
+                binary: binary.clone(),
+                child: None,
+                name,
+            };
+            match node.spawn() {
+                Ok(()) => return Self { node, _dir: dir },
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not start {name}: {last}");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.node.port
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.node.dir.join("server.log")).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        self.node.kill();
+    }
+
+    pub fn restart(&mut self) {
+        self.node.restart();
+    }
 }
 
 #[cfg(test)]

@@ -321,11 +321,17 @@ mod tests {
 }
 
 pub mod cluster;
+pub mod tls;
 pub mod ws;
 
 /// A configuration for tests: both servers, free ports on 127.0.0.1, test
 /// secrets, short refresh intervals, unique stream and consumer names.
 pub fn test_config(nats: &NatsServer, redis: &RedisServer) -> daisi_common::Config {
+    test_config_for(nats.url(), redis.address())
+}
+
+/// `test_config` for servers given by `nats.url` and `redis.address`.
+pub fn test_config_for(nats_url: String, redis_address: String) -> daisi_common::Config {
     use daisi_common::Secret;
     let mut c = daisi_common::Config::default();
     c.server.bind_address = "127.0.0.1".into();
@@ -334,10 +340,10 @@ pub fn test_config(nats: &NatsServer, redis: &RedisServer) -> daisi_common::Conf
     c.server.pod_id = unique("edge").replace('_', "-");
     c.router.bind_address = "127.0.0.1".into();
     c.router.http_port = 0;
-    c.nats.url = nats.url();
+    c.nats.url = nats_url;
     c.nats.stream_name = unique("stream");
     c.nats.consumer_name = unique("consumer");
-    c.redis.address = redis.address();
+    c.redis.address = redis_address;
     c.auth.secret_token = Secret::new(API_KEY);
     c.auth.admin_secret_token = Secret::new(ADMIN_API_KEY);
     c.auth.token_aes_key = Secret::new(USER_AES_KEY);

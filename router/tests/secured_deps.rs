@@ -1,0 +1,294 @@
+//! Dependencies as operators run them: NATS and Redis that require
+//! credentials (user and password in the URL, a token, an NKey, Redis ACL
+//! users) or TLS. A stack delivers events through them, and no password
+//! shows up in logs, `/ready`, `/metrics` or the printed configuration.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use daisi_common::{Config, Secret, names};
+use daisi_testkit::cluster::CustomServer;
+use daisi_testkit::tls::{TestCerts, s};
+use daisi_testkit::{RedisServer, eventually, test_config_for, unique};
+use serde_json::json;
+use support::*;
+
+const NATS_PASSWORD: &str = "nats-pw-Zq81";
+const REDIS_PASSWORD: &str = "redis-pw-Kx42";
+const NATS_TOKEN: &str = "nats-token-Wm37";
+
+/// Every log line of this test process (each test runs in its own process
+/// under nextest), at debug level, the client libraries' included.
+fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
+    #[derive(Clone)]
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = Sink(buf.clone());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .try_init();
+    buf
+}
+
+fn base_config(nats_url: String, redis_address: String) -> Config {
+    test_config_for(nats_url, redis_address)
+}
+
+fn nats_with_auth(auth: &str) -> CustomServer {
+    let auth = auth.to_string();
+    CustomServer::nats(move |port, store| {
+        format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\n{auth}\n", store.display().to_string())
+    })
+}
+
+fn redis_with_acl() -> CustomServer {
+    // An ACL user `dws` and no default user: every connection must AUTH.
+    CustomServer::redis(|port| {
+        let acl =
+            ["--user", "dws", "on", &format!(">{REDIS_PASSWORD}"), "~*", "&*", "+@all", "--user", "default", "off"];
+        ["--port".to_string(), port.to_string()].into_iter().chain(acl.iter().map(|s| s.to_string())).collect()
+    })
+}
+
+/// Waits until the edges marked the route registry complete and the rebuild
+/// window passed (before that the router naks instead of declaring "no route").
+async fn wait_registry_complete(config: &Config) {
+    let client = daisi_common::deps::redis_client(&config.redis).expect("redis client");
+    let conn = daisi_common::deps::redis_manager(client).expect("redis connection");
+    let window = config.app.ttl_refresh_interval_seconds as i64 * 1000 + 2000;
+    eventually(WAIT, "route registry complete", || {
+        let mut conn = conn.clone();
+        async move {
+            let marker: Option<i64> =
+                redis::cmd("GET").arg(names::REGISTRY_GENERATION_KEY).query_async(&mut conn).await.ok()?;
+            let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.ok()?;
+            (secs * 1000 + micros / 1000 - marker? >= window).then_some(())
+        }
+    })
+    .await
+}
+
+/// Edge and router on `config`: one event published (by a client with the
+/// same `nats.*` settings) reaches a user socket; `/ready`, `/metrics` and
+/// `/health` of both, and the printed configuration, carry none of `secrets`.
+async fn delivers_and_hides(config: Config, secrets: &[&str]) {
+    let token = tokio_util::sync::CancellationToken::new();
+    let router = daisi_router::run(tokio::sync::watch::channel(Arc::new(config.clone())).1, token.clone())
+        .await
+        .expect("router starts");
+    wait_ready(router.http_addr).await;
+    let mut edge_cfg = config.clone();
+    edge_cfg.server.pod_id = unique("edge").replace('_', "-");
+    let edge =
+        daisi_edge::run(tokio::sync::watch::channel(Arc::new(edge_cfg)).1, token.clone()).await.expect("edge starts");
+    wait_ready(edge.http_addr).await;
+
+    let mut u = user(&edge, "c1", "a1", "u1").await;
+    wait_registry_complete(&config).await;
+    let publisher = daisi_common::deps::nats_client(&config.nats, "test publisher").await.expect("publisher");
+    let js = async_nats::jetstream::new(publisher);
+    let seq = publish_json(&js, &names::chats_subject("c1", "a1"), &json!({"n": 1})).await;
+    let ev = u.event(WAIT).await;
+    assert_eq!(ev["seq"], seq, "{ev}");
+
+    let mut answers = String::new();
+    for addr in [edge.http_addr, router.http_addr] {
+        for path in ["/ready", "/metrics", "/health"] {
+            answers.push_str(&http_get(addr, path).await.map(|(_, b)| b).unwrap_or_default());
+        }
+    }
+    answers.push_str(&config.to_masked_json());
+    answers.push_str(&format!("{config:?}"));
+    for secret in secrets {
+        assert!(!answers.contains(secret), "{secret} shows in an HTTP answer or the printed config");
+    }
+    token.cancel();
+    tokio::time::timeout(WAIT, async {
+        edge.wait().await;
+        router.wait().await;
+    })
+    .await
+    .expect("edge and router stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_in_the_nats_url_and_a_redis_acl_user() {
+    let logs = capture_logs();
+    let nats = nats_with_auth(&format!("authorization {{ user: dws, password: \"{NATS_PASSWORD}\" }}"));
+    let redis = redis_with_acl();
+    let url = format!("nats://dws:{NATS_PASSWORD}@127.0.0.1:{}", nats.port());
+    let mut config = base_config(url.clone(), format!("127.0.0.1:{}", redis.port()));
+    config.redis.username = "dws".into();
+    config.redis.password = Secret::new(REDIS_PASSWORD);
+    delivers_and_hides(config.clone(), &[NATS_PASSWORD, REDIS_PASSWORD]).await;
+
+    // Credentials in the Redis URL work too (same stream and consumer).
+    config.redis.address = format!("redis://dws:{REDIS_PASSWORD}@127.0.0.1:{}", redis.port());
+    config.redis.username.clear();
+    config.redis.password = Secret::default();
+    delivers_and_hides(config, &[NATS_PASSWORD, REDIS_PASSWORD]).await;
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(logs.contains("nats connected"), "logs were captured");
+    for secret in [NATS_PASSWORD, REDIS_PASSWORD] {
+        assert!(!logs.contains(secret), "{secret} appears in the logs");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_keep_the_edge_unready_and_say_so_without_the_password() {
+    let logs = capture_logs();
+    let nats = nats_with_auth(&format!("authorization {{ user: dws, password: \"{NATS_PASSWORD}\" }}"));
+    let redis = redis_with_acl();
+    let wrong = "not-the-password-Yy3";
+    let mut config = base_config(
+        format!("nats://dws:{wrong}@127.0.0.1:{}", nats.port()),
+        format!("redis://dws:{wrong}@127.0.0.1:{}", redis.port()),
+    );
+    config.server.pod_id = unique("edge").replace('_', "-");
+    let token = tokio_util::sync::CancellationToken::new();
+    let edge = daisi_edge::run(tokio::sync::watch::channel(Arc::new(config)).1, token.clone())
+        .await
+        .expect("edge starts and keeps retrying");
+    let body = daisi_testkit::eventually(WAIT, "/ready names both failures", || async {
+        let (status, body) = http_get(edge.http_addr, "/ready").await?;
+        (status == 503 && body.contains("nats") && body.contains("redis")).then_some(body)
+    })
+    .await;
+    assert!(!body.contains(wrong), "{body}");
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(logs.to_lowercase().contains("authorization"), "the NATS refusal is logged");
+    assert!(!logs.contains(wrong), "the password appears in the logs");
+    token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_token_and_nkey_authenticate() {
+    let nats = nats_with_auth(&format!("authorization {{ token: \"{NATS_TOKEN}\" }}"));
+    let redis = RedisServer::start();
+    let mut config = base_config(format!("nats://127.0.0.1:{}", nats.port()), redis.address());
+    config.nats.token = Secret::new(NATS_TOKEN);
+    delivers_and_hides(config, &[NATS_TOKEN]).await;
+
+    let key = nkeys::KeyPair::new_user();
+    let seed = key.seed().expect("seed");
+    let nats = nats_with_auth(&format!("authorization {{ users: [ {{ nkey: {} }} ] }}", key.public_key()));
+    let mut config = base_config(format!("nats://127.0.0.1:{}", nats.port()), redis.address());
+    config.nats.nkey_seed = Secret::new(seed.clone());
+    delivers_and_hides(config, &[&seed]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_nats_and_redis_with_a_ca_file() {
+    let certs = TestCerts::new("deps");
+    let (cert, key, ca) = (s(certs.server_cert()), s(certs.server_key()), s(certs.ca()));
+    let nats = {
+        let (cert, key, ca) = (cert.clone(), key.clone(), ca.clone());
+        CustomServer::nats(move |port, store| {
+            format!(
+                "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\ntls {{ cert_file: {cert:?}\n key_file: {key:?}\n ca_file: {ca:?} }}\n",
+                store.display().to_string()
+            )
+        })
+    };
+    let redis = {
+        let (cert, key, ca) = (cert.clone(), key.clone(), ca.clone());
+        CustomServer::redis(move |port| {
+            [
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+        })
+    };
+    let url = format!("tls://127.0.0.1:{}", nats.port());
+    let mut config = base_config(url.clone(), format!("rediss://127.0.0.1:{}", redis.port()));
+    config.nats.tls_ca_file = ca.clone();
+    config.redis.tls_ca_file = ca.clone();
+
+    // Without the CA, the servers' certificates are refused: never ready.
+    let mut untrusting = config.clone();
+    untrusting.nats.tls_ca_file.clear();
+    untrusting.redis.tls_ca_file.clear();
+    untrusting.server.pod_id = unique("edge").replace('_', "-");
+    let t = tokio_util::sync::CancellationToken::new();
+    let edge = daisi_edge::run(tokio::sync::watch::channel(Arc::new(untrusting)).1, t.clone()).await.unwrap();
+    daisi_testkit::eventually(WAIT, "an untrusting edge reports both down", || async {
+        let (status, body) = http_get(edge.http_addr, "/ready").await?;
+        (status == 503 && body.contains("redis") && body.contains("nats")).then_some(())
+    })
+    .await;
+    t.cancel();
+
+    delivers_and_hides(config, &[]).await;
+}
+
+#[test]
+fn check_config_masks_every_dependency_secret_and_names_bad_keys() {
+    let run = |env: &[(&str, &str)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_daisi-router"));
+        cmd.arg("--check-config").env_remove("DAISI_WS_CONFIG").arg("--config").arg("/dev/null");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("daisi-router runs")
+    };
+    let good: Vec<(&str, &str)> = vec![
+        ("DAISI_WS_AUTH_INTERNAL_TOKEN", "internal-tok-Q1"),
+        ("DAISI_WS_NATS_URL", "nats://dws:nats-pw-Zq81@10.0.0.1:4222, nats://dws:nats-pw-Zq81@10.0.0.2:4222"),
+        ("DAISI_WS_NATS_STREAM_REPLICAS", "3"),
+        ("DAISI_WS_REDIS_ADDRESS", "redis://dws:redis-url-pw-M5@10.0.0.3:6379"),
+        ("DAISI_WS_REDIS_USERNAME", "dws"),
+        ("DAISI_WS_REDIS_PASSWORD", "redis-pw-Kx42"),
+    ];
+    let out = run(&good);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("10.0.0.2:4222") && stdout.contains("dws:***@"), "{stdout}");
+    for secret in ["nats-pw-Zq81", "redis-url-pw-M5", "redis-pw-Kx42", "internal-tok-Q1"] {
+        assert!(!stdout.contains(secret), "{secret} printed: {stdout}");
+    }
+
+    for (key, value, named) in [
+        ("DAISI_WS_NATS_STREAM_REPLICAS", "7", "nats.stream_replicas"),
+        ("DAISI_WS_NATS_TOKEN", "tok-Sd9", "nats.token"),
+        ("DAISI_WS_NATS_CREDENTIALS_FILE", "/nonexistent/x.creds", "nats.credentials_file"),
+        ("DAISI_WS_REDIS_TLS_CA_FILE", "/etc/hostname", "redis.tls_ca_file"),
+        ("DAISI_WS_NATS_URL", "ws://u:nats-pw-Zq81@h:1", "nats.url"),
+    ] {
+        let mut env = good.clone();
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value));
+        let out = run(&env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}={value}: {stderr}");
+        assert!(stderr.contains(named), "{key}: {stderr}");
+        for secret in ["nats-pw-Zq81", "redis-url-pw-M5", "redis-pw-Kx42", "tok-Sd9"] {
+            assert!(!stderr.contains(secret), "{secret} in {stderr}");
+        }
+    }
+}
