@@ -101,6 +101,26 @@ fn valid_pod_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The kernel send buffer of every HTTP/WebSocket connection, in bytes
+/// (Linux doubles it). Kept small so a peer that reads slowly shows up in
+/// the socket's own queue, where the backpressure policy acts, instead of
+/// megabytes of events disappearing into an auto-tuned kernel buffer
+/// (see decision 0011).
+pub const SOCKET_SEND_BUFFER: u32 = 1024 * 1024;
+
+/// The HTTP listener; accepted connections inherit its send buffer size.
+async fn http_listener(addr: &str) -> std::io::Result<TcpListener> {
+    let addr = tokio::net::lookup_host(addr)
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::AddrNotAvailable, "address resolves to nothing"))?;
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.set_send_buffer_size(SOCKET_SEND_BUFFER)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
+}
+
 /// Starts an edge: binds its HTTP and gRPC listeners, connects to Redis and
 /// NATS (in the background if they are down), and serves until `shutdown`.
 pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationToken) -> Result<Edge, EdgeError> {
@@ -110,7 +130,7 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         return Err(EdgeError::PodId(pod_id));
     }
     let bind = |port: u16| format!("{}:{}", cfg.server.bind_address, port);
-    let http_listener = TcpListener::bind(bind(cfg.server.http_port)).await.map_err(|source| EdgeError::Bind {
+    let http_listener = http_listener(&bind(cfg.server.http_port)).await.map_err(|source| EdgeError::Bind {
         what: "HTTP",
         addr: bind(cfg.server.http_port),
         source,

@@ -23,6 +23,8 @@ pub struct EdgeMetrics {
     pub compression_in: Counter,
     /// What those messages compressed to, in bytes.
     pub compression_out: Counter,
+    /// Socket tasks that ended in a panic (their guard released what they held).
+    pub socket_task_panics: Counter,
 }
 
 impl EdgeMetrics {
@@ -45,6 +47,7 @@ impl EdgeMetrics {
             compressed_frames: counter!("dws_websocket_compressed_frames_total"),
             compression_in: counter!("dws_websocket_compression_input_bytes_total"),
             compression_out: counter!("dws_websocket_compression_output_bytes_total"),
+            socket_task_panics: counter!("dws_socket_task_panics_total"),
         }
     }
 

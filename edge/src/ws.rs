@@ -1,28 +1,39 @@
-//! WebSocket sockets: the handshake checks (origin, capacity), the connect
-//! sequence (API key → token → identifiers → session → routes → `ready`),
+//! WebSocket sockets: the handshake checks (origin), the connect sequence
+//! (API key → token → identifiers → capacity → session → routes → `ready`),
 //! and one task per socket that writes its queue, reads `select_chat`,
 //! pings, and closes with the right code. The framing (RFC 6455) and
-//! permessage-deflate (RFC 7692) are the edge's own, in the submodules.
+//! permessage-deflate (RFC 7692) are the edge's own codec, in the
+//! submodules, which depend on nothing else of the edge.
+//!
+//! The socket's loop never waits on the peer: pongs, pings, error replies
+//! and the close are queued on the writer (ahead of events) and written
+//! whenever the peer makes room, so a peer that stops reading delays only
+//! itself, and takeover, pong-wait, drain and the `block` deadline act on
+//! time (see decision 0011). What a ready socket holds (session lock,
+//! routes, hub subscriptions, gauges) is released by a guard, whatever ends
+//! its task, a panic included.
 
 pub mod deflate;
 pub mod frame;
 pub mod upgrade;
 
 use std::collections::HashMap;
+use std::io;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use daisi_common::names;
 use daisi_common::token::{AdminClaims, TokenError, UserClaims};
 use futures_util::future::poll_fn;
-use futures_util::{SinkExt, StreamExt};
-use tokio::sync::OwnedSemaphorePermit;
+use futures_util::{FutureExt, StreamExt};
 use tracing::Instrument;
 
 use crate::EdgeState;
@@ -37,6 +48,18 @@ type Query_ = Result<Query<HashMap<String, String>>, QueryRejection>;
 type Upgrade = Result<WsUpgrade, NotUpgrade>;
 type Tx = frame::Writer<tokio::io::WriteHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
 type Rx = frame::Reader<tokio::io::ReadHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
+
+/// How long a socket being closed waits for the client's close frame once
+/// its own is written, and the whole close of a socket whose peer is
+/// already known unresponsive (pong timeout, stalled writes, draining).
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// Close code for a client message left incomplete too long (policy violation).
+const POLICY_VIOLATION: u16 = 1008;
+
+/// Frames written per turn of a socket's loop before it looks at its other
+/// duties again (close requests, deadlines, client messages).
+const WRITE_BATCH: usize = 32;
 
 /// `GET /ws/{company}/{agent}`
 pub async fn user(
@@ -71,15 +94,20 @@ struct ConnectRequest {
     bad_query: bool,
 }
 
+/// A JSON error response `{"error":{"code","message"}}` before the upgrade.
+fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({"error": {"code": code, "message": message}});
+    (status, axum::Json(body)).into_response()
+}
+
 fn handshake(state: Arc<EdgeState>, target: Target, query: Query_, headers: HeaderMap, upgrade: Upgrade) -> Response {
     let upgrade = match upgrade {
         Ok(u) => u,
-        Err(_) => {
-            return crate::http::error(
-                StatusCode::BAD_REQUEST,
-                "BadRequest",
-                "this endpoint needs a WebSocket upgrade",
-            );
+        Err(e) => {
+            let code = if e == NotUpgrade::Version { "UpgradeRequired" } else { "BadRequest" };
+            let mut response = refuse(e.status(), code, e.reason());
+            response.headers_mut().extend(e.headers());
+            return response;
         }
     };
     let cfg = state.cfg();
@@ -87,7 +115,7 @@ fn handshake(state: Arc<EdgeState>, target: Target, query: Query_, headers: Head
         && let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok())
         && !cfg.server.allowed_origins.iter().any(|a| a == origin)
     {
-        return crate::http::error(StatusCode::FORBIDDEN, "OriginNotAllowed", "origin not allowed");
+        return refuse(StatusCode::FORBIDDEN, "OriginNotAllowed", "origin not allowed");
     }
     let (params, bad_query) = match query {
         Ok(Query(p)) => (p, false),
@@ -100,19 +128,20 @@ fn handshake(state: Arc<EdgeState>, target: Target, query: Query_, headers: Head
         token: params.get("token").cloned(),
         bad_query,
     };
-    let permit = if state.shutdown.is_cancelled() { None } else { state.connections.clone().try_acquire_owned().ok() };
     let tracker = state.tracker.clone();
     upgrade.on_upgrade(cfg.app.compression.enabled, protocol::MAX_CLIENT_FRAME, move |socket| {
-        tracker.track_future(async move {
-            match permit {
-                Some(permit) => serve(socket, state, req, permit).await,
-                None => {
-                    state.metrics.refused_full.increment(1);
-                    close_with(socket, None, close::TRY_AGAIN_LATER, "edge is full or draining").await;
-                }
-            }
-        })
+        tracker.track_future(guarded(socket, state, req))
     })
+}
+
+/// Runs a socket's task, counting a panic (its guard has released what the
+/// socket held by the time the panic arrives here).
+async fn guarded(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
+    let metrics = state.metrics.clone();
+    if AssertUnwindSafe(serve(socket, state, req)).catch_unwind().await.is_err() {
+        metrics.socket_task_panics.increment(1);
+        tracing::error!("a socket's task panicked; its session, routes and subscriptions were released");
+    }
 }
 
 /// Who a socket belongs to, once authenticated.
@@ -194,32 +223,66 @@ fn authenticate(state: &EdgeState, req: &ConnectRequest) -> Result<Identity, (Er
 
 /// Sends one error message, then closes with `code`.
 async fn reject(socket: Socket, code: ErrorCode, message: &str) {
-    close_with(socket, Some(protocol::error_frame(code, message, "")), code.close_code(), message).await;
+    // Never compressed: these are sent before the socket's settings exist.
+    let json = frame::text(&protocol::error_frame(code, message, ""));
+    let Socket { reader, writer, .. } = socket;
+    close_socket(writer, reader, Some(json), frame::close(code.close_code(), message), false, CLOSE_GRACE).await;
 }
 
-async fn close_with(socket: Socket, error: Option<Bytes>, code: u16, reason: &str) {
-    let Socket { reader: mut rx, writer: mut tx, .. } = socket;
-    let send = async {
-        if let Some(json) = error {
-            // Never compressed: these are sent before the socket's settings exist.
-            tx.send(frame::text(&json)).await?;
-        }
-        tx.send(frame::close(code, reason)).await?;
-        // Let the client answer the close (bounded), so it sees a clean close.
-        while let Some(Ok(msg)) = rx.next().await {
-            if matches!(msg, Incoming::Close(_)) {
-                break;
+/// Queues an optional last message and the close frame behind whatever is
+/// half written, writes them while the client makes room, then waits for the
+/// client's close (unless `client_closed`), all within `within`; then shuts
+/// the connection down.
+async fn close_socket(
+    mut tx: Tx,
+    mut rx: Rx,
+    last: Option<Bytes>,
+    close_frame: Bytes,
+    mut client_closed: bool,
+    within: Duration,
+) {
+    let mut deadline = tokio::time::Instant::now() + within;
+    if let Some(last) = last {
+        // The writer's urgent queue is empty here unless the loop ended on a
+        // full one, in which case the message is dropped and the close still goes.
+        let _ = tx.push_urgent(last);
+    }
+    tx.push_close(close_frame);
+    let mut sent = false;
+    while !(sent && client_closed) {
+        tokio::select! {
+            r = poll_fn(|cx| tx.poll_flush_io(cx)), if !sent => {
+                if r.is_err() {
+                    return;
+                }
+                sent = true;
+                deadline = deadline.min(tokio::time::Instant::now() + CLOSE_GRACE);
             }
+            // Read (and drop) what the client still sends, up to its close.
+            msg = rx.next(), if !client_closed => {
+                if matches!(msg, None | Some(Err(_)) | Some(Ok(Incoming::Close(_)))) {
+                    client_closed = true;
+                }
+            }
+            _ = tokio::time::sleep_until(deadline) => return,
         }
-        tx.close().await
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
+    }
+    let _ = tokio::time::timeout_at(deadline, poll_fn(|cx| tx.poll_shutdown(cx))).await;
 }
 
-async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest, _permit: OwnedSemaphorePermit) {
+async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
     let identity = match authenticate(&state, &req) {
         Ok(i) => i,
         Err((code, message)) => return Box::pin(reject(socket, code, message)).await,
+    };
+    // Capacity is taken once the client proved who it is: unauthenticated
+    // sockets never use up the edge's permits.
+    let permit = if state.shutdown.is_cancelled() { None } else { state.connections.clone().try_acquire_owned().ok() };
+    let Some(_permit) = permit else {
+        state.metrics.refused_full.increment(1);
+        let Socket { reader, writer, .. } = socket;
+        let frame = frame::close(close::TRY_AGAIN_LATER, "edge is full or draining");
+        return Box::pin(close_socket(writer, reader, None, frame, false, CLOSE_GRACE)).await;
     };
     let session_key = identity.session_key();
     let span = match &identity {
@@ -260,63 +323,123 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest, _perm
             Ok(owner) => owner,
             Err(AcquireError::Conflict) => {
                 tracing::info!("session held by another live socket");
+                state.hub.forget(&shared);
                 return Box::pin(reject(socket, ErrorCode::SessionConflict, "session is active on another connection"))
                     .await;
             }
             Err(AcquireError::Redis(e)) => {
                 tracing::warn!(error = %e, "session lock failed");
+                state.hub.forget(&shared);
                 return Box::pin(reject(socket, ErrorCode::InternalServerError, "session store unavailable")).await;
             }
         };
+        // From here on the guard releases everything, whatever ends the task.
         let (hub_key, route_key) = identity.base_subscription();
         state.hub.subscribe(&hub_key, &shared);
+        let mut held = Held {
+            state: state.clone(),
+            shared: shared.clone(),
+            session: Some((session_key, owner)),
+            base: Some((hub_key, route_key.clone())),
+            selected: None,
+            gauge: None,
+            started: Instant::now(),
+        };
         if let Err(e) = Box::pin(state.presence.add_route(&route_key, RouteClass::Plain)).await {
             tracing::warn!(error = %e, "route registration failed");
-            state.hub.unsubscribe(&hub_key, shared.id);
-            state.presence.remove_route(&route_key);
-            Box::pin(state.presence.release(&session_key, &owner)).await;
-            state.hub.forget(&shared);
+            Box::pin(held.release()).await;
             return Box::pin(reject(socket, ErrorCode::SubscriptionFailure, "could not register routes")).await;
         }
-        let kind_gauge = match identity {
-            Identity::User(_) => &state.metrics.active_user,
-            Identity::Admin(_) => &state.metrics.active_admin,
+        held.gauge = Some(matches!(identity, Identity::Admin(_)));
+        let gauge = if matches!(identity, Identity::Admin(_)) {
+            &state.metrics.active_admin
+        } else {
+            &state.metrics.active_user
         };
-        kind_gauge.increment(1.0);
-        let started = Instant::now();
+        gauge.increment(1.0);
         tracing::debug!("socket ready");
 
         let mut conn = Conn {
-            state: &state,
-            identity: &identity,
-            shared: &shared,
-            selected: None,
+            held,
+            identity,
             bucket: Bucket::new(cfg.app.client_max_messages_per_second, cfg.app.client_burst),
-            last_activity: &last_activity,
+            last_activity,
         };
         let Socket { reader: mut rx, writer: mut tx, .. } = socket;
-        let end = match tx.send(conn.text(&protocol::ready_frame())).await {
+        let ready = conn.text(&protocol::ready_frame());
+        let end = match tx.push_urgent(ready) {
             Ok(()) => conn.run(&mut tx, &mut rx, &cfg).await,
             Err(_) => End::Gone,
         };
-        let selected = conn.selected.take();
-
-        // Cleanup first (so a takeover's new socket can acquire), then the close frame.
-        state.hub.unsubscribe(&hub_key, shared.id);
-        state.presence.remove_route(&route_key);
-        if let Some((subject, route)) = selected {
-            state.hub.unsubscribe(&subject, shared.id);
-            state.presence.remove_route(&route);
-        }
-        Box::pin(state.presence.release(&session_key, &owner)).await;
-        state.hub.forget(&shared);
-        kind_gauge.decrement(1.0);
-        state.metrics.connection_duration.record(started.elapsed().as_secs_f64());
+        // Release first (so a takeover's new socket can acquire), then close.
+        let Conn { held, .. } = conn;
+        Box::pin(held.release()).await;
         tracing::debug!(?end, "socket closed");
-        Box::pin(end.close(&state, &shared, tx, rx)).await;
+        let pong_wait = Duration::from_secs(cfg.app.pong_wait_seconds);
+        Box::pin(end.close(&state, &shared, tx, rx, pong_wait)).await;
     }
     .instrument(span)
     .await
+}
+
+/// What a ready socket holds outside its task: the session lock, its
+/// routes and hub subscriptions, its queue and its gauge. Released once: by
+/// [`Held::release`] when the task ends normally, or on drop whatever ends
+/// it (a panic included), so a socket can never keep a user locked out.
+struct Held {
+    state: Arc<EdgeState>,
+    shared: Arc<SocketShared>,
+    /// The session key and this socket's owner value.
+    session: Option<(String, String)>,
+    /// The hub key and route key the socket always has.
+    base: Option<(String, String)>,
+    /// The selected chat: (subject, route key).
+    selected: Option<(Arc<str>, String)>,
+    /// Counted in the active-connections gauge: `Some(is_admin)`.
+    gauge: Option<bool>,
+    started: Instant,
+}
+
+impl Held {
+    /// Releases everything but the Redis lock, which it returns to release.
+    fn release_local(&mut self) -> Option<(String, String)> {
+        let (state, id) = (&self.state, self.shared.id);
+        if let Some((hub_key, route_key)) = self.base.take() {
+            state.hub.unsubscribe(&hub_key, id);
+            state.presence.remove_route(&route_key);
+        }
+        if let Some((subject, route)) = self.selected.take() {
+            state.hub.unsubscribe(&subject, id);
+            state.presence.remove_route(&route);
+        }
+        state.hub.forget(&self.shared);
+        if let Some(admin) = self.gauge.take() {
+            let gauge = if admin { &state.metrics.active_admin } else { &state.metrics.active_user };
+            gauge.decrement(1.0);
+            state.metrics.connection_duration.record(self.started.elapsed().as_secs_f64());
+        }
+        self.session.take()
+    }
+
+    /// Releases everything, waiting for Redis to drop the session lock.
+    async fn release(mut self) {
+        if let Some((key, owner)) = self.release_local() {
+            self.state.presence.release(&key, &owner).await;
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // Only when the task ended without `release` (a panic, or the task
+        // dropped): the lock is released by a task of its own.
+        if let Some((key, owner)) = self.release_local() {
+            let presence = self.state.presence.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move { presence.release(&key, &owner).await });
+            }
+        }
+    }
 }
 
 /// Why a socket's loop ended.
@@ -326,11 +449,25 @@ enum End {
     Gone,
     /// The client sent a close frame (with this code): answer it.
     ClientClosed(Option<u16>),
-    /// Close with this code, after an optional error message.
-    Close { code: u16, error: Option<(ErrorCode, &'static str)>, reason: &'static str },
+    /// Close with this code, after an optional error message. `unresponsive`:
+    /// the peer is not reading (or the edge is draining), so the close gets
+    /// only a short grace.
+    Close { code: u16, error: Option<(ErrorCode, &'static str)>, reason: &'static str, unresponsive: bool },
 }
 
 impl End {
+    fn code(code: u16, reason: &'static str) -> Self {
+        End::Close { code, error: None, reason, unresponsive: false }
+    }
+
+    fn error(error: ErrorCode, message: &'static str, reason: &'static str) -> Self {
+        End::Close { code: error.close_code(), error: Some((error, message)), reason, unresponsive: false }
+    }
+
+    fn unresponsive(code: u16, reason: &'static str) -> Self {
+        End::Close { code, error: None, reason, unresponsive: true }
+    }
+
     fn from_frame_error(e: FrameError) -> Self {
         let reason = match e {
             FrameError::Io(_) => return End::Gone,
@@ -338,46 +475,34 @@ impl End {
             FrameError::Protocol(why) | FrameError::BadData(why) => why,
         };
         match e.close_code() {
-            Some(code) => End::Close { code, error: None, reason },
+            Some(code) => End::code(code, reason),
             None => End::Gone,
         }
     }
 
-    async fn close(self, state: &EdgeState, shared: &SocketShared, mut tx: Tx, mut rx: Rx) {
-        let (code, error, reason) = match self {
-            End::Gone => return,
+    /// Sends the close (after the error message, behind a half-written
+    /// frame). A slow peer gets up to `pong_wait` to read it.
+    async fn close(self, state: &EdgeState, shared: &SocketShared, tx: Tx, rx: Rx, pong_wait: Duration) {
+        match self {
+            End::Gone => {}
             End::ClientClosed(code) => {
-                // Echo the client's code when it is one that may be sent.
-                let code = code.filter(|c| matches!(c, 1000..=1003 | 1007..=1014 | 3000..=4999)).unwrap_or(1000);
-                let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                    tx.send(frame::close(code, "")).await?;
-                    tx.close().await
-                })
-                .await;
-                return;
+                // The reader only lets codes through that may be sent back.
+                let frame = frame::close(code.unwrap_or(1000), "");
+                close_socket(tx, rx, None, frame, true, CLOSE_GRACE).await;
             }
-            End::Close { code, error, reason } => (code, error, reason),
-        };
-        let send = async {
-            if let Some((code, message)) = error {
-                let json = protocol::error_frame(code, message, "");
-                tx.send(Frames::new(&json, &state.metrics).for_socket(shared.compress_from()).0).await?;
+            End::Close { code, error, reason, unresponsive } => {
+                let last = error.map(|(code, message)| {
+                    let json = protocol::error_frame(code, message, "");
+                    Frames::new(&json, &state.metrics).for_socket(shared.compress_from()).0
+                });
+                let within = if unresponsive { CLOSE_GRACE } else { pong_wait.max(CLOSE_GRACE) };
+                close_socket(tx, rx, last, frame::close(code, reason), false, within).await;
             }
-            tx.send(frame::close(code, reason)).await?;
-            tx.flush().await?;
-            // Let the client answer the close (bounded), so it sees a clean close.
-            while let Some(Ok(msg)) = rx.next().await {
-                if matches!(msg, Incoming::Close(_)) {
-                    break;
-                }
-            }
-            tx.close().await
-        };
-        let _ = tokio::time::timeout(Duration::from_secs(2), send).await;
+        }
     }
 }
 
-/// Per-socket token bucket for client messages.
+/// Per-socket token bucket for client messages and control frames.
 struct Bucket {
     tokens: f32,
     burst: f32,
@@ -403,21 +528,71 @@ impl Bucket {
     }
 }
 
-struct Conn<'a> {
-    state: &'a Arc<EdgeState>,
-    identity: &'a Identity,
-    shared: &'a Arc<SocketShared>,
-    /// The selected chat: (subject, route key).
-    selected: Option<(Arc<str>, String)>,
+/// A ready socket's state in its loop.
+struct Conn {
+    held: Held,
+    identity: Identity,
     bucket: Bucket,
-    last_activity: &'a AtomicU64,
+    last_activity: Arc<AtomicU64>,
 }
 
-impl Conn<'_> {
+impl Conn {
+    fn state(&self) -> &Arc<EdgeState> {
+        &self.held.state
+    }
+
+    fn shared(&self) -> &Arc<SocketShared> {
+        &self.held.shared
+    }
+
     /// A server message as this socket's frame (compressed when it
     /// negotiated permessage-deflate and the message is big enough).
     fn text(&self, json: &[u8]) -> Bytes {
-        Frames::new(json, &self.state.metrics).for_socket(self.shared.compress_from()).0
+        Frames::new(json, &self.state().metrics).for_socket(self.shared().compress_from()).0
+    }
+
+    /// The close another component asked for, if any.
+    fn close_requested(&self) -> Option<End> {
+        match self.shared().close_requested() {
+            CloseRequest::None => None,
+            CloseRequest::SessionTaken => Some(End::error(
+                ErrorCode::SessionConflict,
+                "session taken over by a newer connection",
+                "session taken over",
+            )),
+            CloseRequest::TooSlow => {
+                self.state().metrics.closed_slow.increment(1);
+                Some(End::code(close::TRY_AGAIN_LATER, "too slow"))
+            }
+            CloseRequest::Shutdown => Some(End::unresponsive(close::GOING_AWAY, "server going away")),
+        }
+    }
+
+    /// Writes the socket's urgent frames, then queued events, then flushes.
+    /// Ready when it wrote a batch or ran out of work.
+    fn poll_write(&self, tx: &mut Tx, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let metrics = &self.state().metrics;
+        for _ in 0..WRITE_BATCH {
+            ready!(tx.poll_urgent(cx))?;
+            let Some(out) = self.shared().pop() else { break };
+            tx.start(out.frame);
+            metrics.messages_sent.increment(1);
+            if out.compressed {
+                metrics.compressed_frames.increment(1);
+            }
+            if out.published_unix_nanos > 0 {
+                let now = daisi_common::token::unix_now_nanos();
+                let secs = (now - out.published_unix_nanos).max(0) as f64 / 1e9;
+                metrics.delivery_latency.record(secs);
+            }
+        }
+        tx.poll_flush_io(cx)
+    }
+
+    /// Counts one client message or control frame against the rate limit.
+    fn over_rate(&mut self) -> Option<End> {
+        (!self.bucket.take())
+            .then(|| End::error(ErrorCode::RateLimitExceeded, "too many messages", "rate limit exceeded"))
     }
 
     async fn run(&mut self, tx: &mut Tx, rx: &mut Rx, cfg: &daisi_common::Config) -> End {
@@ -426,119 +601,82 @@ impl Conn<'_> {
         let mut last_seen = Instant::now();
         let mut next_ping = last_seen + ping_every;
         let mut drain_at: Option<Instant> = None;
-        let mut need_flush = false;
         let mut armed = next_ping;
         // One timer entry per socket in tokio's shared wheel, re-armed only
         // when the earliest deadline changes; no task per timer.
         let sleep = tokio::time::sleep_until(armed.into());
         tokio::pin!(sleep);
         loop {
-            match self.shared.close_requested() {
-                CloseRequest::None => {}
-                CloseRequest::SessionTaken => {
-                    return End::Close {
-                        code: ErrorCode::SessionConflict.close_code(),
-                        error: Some((ErrorCode::SessionConflict, "session taken over by a newer connection")),
-                        reason: "session taken over",
-                    };
-                }
-                CloseRequest::TooSlow => {
-                    self.state.metrics.closed_slow.increment(1);
-                    return End::Close { code: close::TRY_AGAIN_LATER, error: None, reason: "too slow" };
-                }
-                CloseRequest::Shutdown => {
-                    return End::Close { code: close::GOING_AWAY, error: None, reason: "server going away" };
-                }
+            if let Some(end) = self.close_requested() {
+                return end;
             }
-            let has_pending = self.shared.has_pending();
-            let block = self.shared.block_deadline();
-            let deadline = [Some(next_ping), Some(last_seen + pong_wait), drain_at, block]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or(next_ping);
+            // Deadlines: ping, pong wait, drain, `block`, a peer that takes no
+            // byte (zero window), a client message left incomplete.
+            let deadline = [
+                Some(next_ping),
+                Some(last_seen + pong_wait),
+                drain_at,
+                self.shared().block_deadline(),
+                tx.stalled_since().map(|t| t + pong_wait),
+                rx.incomplete_since().map(|t| t + pong_wait),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(next_ping);
             if deadline != armed {
                 armed = deadline;
                 sleep.as_mut().reset(armed.into());
             }
+            let writing = tx.busy() || self.shared().has_pending();
             tokio::select! {
                 biased;
-                _ = self.state.shutdown.cancelled(), if drain_at.is_none() => {
-                    let window = self.state.cfg().server.drain_window_seconds * 1000;
+                _ = self.state().shutdown.cancelled(), if drain_at.is_none() => {
+                    let window = self.state().cfg().server.drain_window_seconds * 1000;
                     drain_at = Some(Instant::now() + Duration::from_millis(daisi_common::deps::jitter_ms(window)));
                 }
-                _ = self.shared.notified() => {}
-                // Write when the queue has frames, else flush what was written.
-                r = poll_fn(|cx| {
-                    if has_pending {
-                        tx.poll_ready_unpin(cx).map_ok(|()| true)
-                    } else {
-                        tx.poll_flush_unpin(cx).map_ok(|()| false)
-                    }
-                }), if has_pending || need_flush => {
-                    match r {
-                        Err(_) => return End::Gone,
-                        Ok(false) => need_flush = false,
-                        Ok(true) => {
-                            if let Some(out) = self.shared.pop() {
-                                if tx.start_send_unpin(out.frame).is_err() {
-                                    return End::Gone;
-                                }
-                                need_flush = true;
-                                self.state.metrics.messages_sent.increment(1);
-                                if out.compressed {
-                                    self.state.metrics.compressed_frames.increment(1);
-                                }
-                                if out.published_unix_nanos > 0 {
-                                    let now = daisi_common::token::unix_now_nanos();
-                                    let secs = (now - out.published_unix_nanos).max(0) as f64 / 1e9;
-                                    self.state.metrics.delivery_latency.record(secs);
-                                }
-                            }
-                        }
-                    }
-                }
+                _ = self.shared().notified() => {}
                 msg = rx.next() => {
                     last_seen = Instant::now();
-                    match msg {
+                    let msg = match msg {
                         None => return End::Gone,
                         Some(Err(e)) => return End::from_frame_error(e),
-                        Some(Ok(Incoming::Close(code))) => return End::ClientClosed(code),
-                        Some(Ok(Incoming::Ping(payload))) => {
-                            if tx.send(frame::pong(&payload)).await.is_err() {
-                                return End::Gone;
-                            }
-                        }
-                        Some(Ok(Incoming::Pong)) => {}
-                        Some(Ok(Incoming::Text(text))) => {
-                            if let Some(end) = self.on_client_message(tx, Some(text.as_str())).await {
-                                return end;
-                            }
-                        }
-                        Some(Ok(Incoming::Binary)) => {
-                            if let Some(end) = self.on_client_message(tx, None).await {
-                                return end;
-                            }
-                        }
+                        Some(Ok(msg)) => msg,
+                    };
+                    if let Some(end) = self.on_frame(tx, msg).await {
+                        return end;
+                    }
+                }
+                r = poll_fn(|cx| self.poll_write(tx, cx)), if writing => {
+                    if r.is_err() {
+                        return End::Gone;
                     }
                 }
                 _ = &mut sleep => {
                     let now = Instant::now();
                     if drain_at.is_some_and(|t| now >= t) {
-                        return End::Close { code: close::GOING_AWAY, error: None, reason: "server going away" };
+                        return End::unresponsive(close::GOING_AWAY, "server going away");
                     }
                     if now >= last_seen + pong_wait {
                         tracing::debug!("no pong within pong_wait_seconds");
-                        return End::Close { code: close::GOING_AWAY, error: None, reason: "pong timeout" };
+                        return End::unresponsive(close::GOING_AWAY, "pong timeout");
                     }
-                    if block.is_some_and(|t| now >= t) && self.shared.block_deadline().is_some_and(|t| now >= t) {
-                        self.shared.request_close(CloseRequest::TooSlow);
+                    if tx.stalled_since().is_some_and(|t| now >= t + pong_wait) {
+                        tracing::debug!("peer accepted no byte within pong_wait_seconds");
+                        return End::unresponsive(close::GOING_AWAY, "peer not reading");
+                    }
+                    if rx.incomplete_since().is_some_and(|t| now >= t + pong_wait) {
+                        tracing::debug!("client message incomplete after pong_wait_seconds");
+                        return End::code(POLICY_VIOLATION, "message incomplete for too long");
+                    }
+                    if self.shared().block_deadline().is_some_and(|t| now >= t) {
+                        self.shared().request_close(CloseRequest::TooSlow);
                         continue;
                     }
                     if now >= next_ping {
                         next_ping = now + ping_every;
-                        if tx.send(frame::ping()).await.is_err() {
-                            return End::Gone;
+                        if tx.push_urgent(frame::ping()).is_err() {
+                            return End::unresponsive(close::TRY_AGAIN_LATER, "too slow");
                         }
                     }
                 }
@@ -546,22 +684,40 @@ impl Conn<'_> {
         }
     }
 
+    /// A frame from the client: control frames are answered through the
+    /// writer's urgent queue (never awaited), messages handled.
+    async fn on_frame(&mut self, tx: &mut Tx, msg: Incoming) -> Option<End> {
+        match msg {
+            Incoming::Close(code) => Some(End::ClientClosed(code)),
+            Incoming::Ping(payload) => {
+                if let Some(end) = self.over_rate() {
+                    return Some(end);
+                }
+                tx.push_pong(&payload).err().map(|_| End::unresponsive(close::TRY_AGAIN_LATER, "too slow"))
+            }
+            Incoming::Pong => self.over_rate(),
+            Incoming::Text(text) => self.on_client_message(tx, Some(text.as_str())).await,
+            Incoming::Binary(_) => self.on_client_message(tx, None).await,
+        }
+    }
+
     /// A text (`Some`) or binary (`None`) message from the client.
     async fn on_client_message(&mut self, tx: &mut Tx, text: Option<&str>) -> Option<End> {
-        self.state.metrics.messages_received.increment(1);
-        self.last_activity.store(self.state.presence.now_secs(), Ordering::Relaxed);
-        if !self.bucket.take() {
-            return Some(End::Close {
-                code: ErrorCode::RateLimitExceeded.close_code(),
-                error: Some((ErrorCode::RateLimitExceeded, "too many messages")),
-                reason: "rate limit exceeded",
-            });
+        self.state().metrics.messages_received.increment(1);
+        self.last_activity.store(self.state().presence.now_secs(), Ordering::Relaxed);
+        if let Some(end) = self.over_rate() {
+            return Some(end);
+        }
+        // A seam for the guard's test: this build panics on demand.
+        #[cfg(test)]
+        if text == Some(tests::PANIC) {
+            panic!("test-only panic inside a socket's task");
         }
         let result = match text {
             None => Err("binary frames are not accepted".to_string()),
             Some(text) => match protocol::parse_client(text) {
                 Err(protocol::BadRequest(m)) => Err(m),
-                Ok(ClientMessage::SelectChat { chat_id }) => match self.identity {
+                Ok(ClientMessage::SelectChat { chat_id }) => match &self.identity {
                     Identity::User(claims) => {
                         let claims = claims.clone();
                         Box::pin(self.select_chat(&claims, &chat_id)).await;
@@ -575,7 +731,7 @@ impl Conn<'_> {
             Ok(()) => None,
             Err(message) => {
                 let json = protocol::error_frame(ErrorCode::BadRequest, &message, "");
-                tx.send(self.text(&json)).await.err().map(|_| End::Gone)
+                tx.push_urgent(self.text(&json)).err().map(|_| End::unresponsive(close::TRY_AGAIN_LATER, "too slow"))
             }
         }
     }
@@ -585,22 +741,26 @@ impl Conn<'_> {
     async fn select_chat(&mut self, claims: &UserClaims, chat_id: &str) {
         let subject: Arc<str> = names::messages_subject(&claims.company_id, &claims.agent_id, chat_id).into();
         let route = names::messages_route_key(&claims.company_id, &claims.agent_id, chat_id);
-        let same = self.selected.as_ref().is_some_and(|(s, _)| *s == subject);
-        self.shared.gate_hold(subject.clone());
+        let state = self.held.state.clone();
+        let shared = self.held.shared.clone();
+        let same = self.held.selected.as_ref().is_some_and(|(s, _)| *s == subject);
+        shared.gate_hold(subject.clone());
         if !same {
-            self.state.hub.subscribe(&subject, self.shared);
-            if let Err(e) = self.state.presence.add_route(&route, RouteClass::Message).await {
+            state.hub.subscribe(&subject, &shared);
+            // Recorded before Redis answers, so the guard removes it whatever happens.
+            let old = self.held.selected.replace((subject.clone(), route.clone()));
+            if let Err(e) = state.presence.add_route(&route, RouteClass::Message).await {
                 // Kept locally; the refresh loop registers it once Redis answers
                 // (sockets stay usable through a Redis outage).
                 tracing::warn!(error = %e, "chat route not registered yet; will retry");
             }
-            if let Some((old_subject, old_route)) = self.selected.replace((subject.clone(), route)) {
-                self.state.hub.unsubscribe(&old_subject, self.shared.id);
-                self.state.presence.remove_route(&old_route);
+            if let Some((old_subject, old_route)) = old {
+                state.hub.unsubscribe(&old_subject, shared.id);
+                state.presence.remove_route(&old_route);
             }
         }
-        let stream = self.state.cfg().nats.stream_name.clone();
-        let latest = match crate::catchup::latest(&self.state.jetstream, &stream, &subject).await {
+        let stream = state.cfg().nats.stream_name.clone();
+        let latest = match crate::catchup::latest(&state.jetstream, &stream, &subject).await {
             Ok(latest) => latest,
             Err(e) => {
                 tracing::warn!(error = %e, "latest-on-select unavailable; live events only");
@@ -609,8 +769,58 @@ impl Conn<'_> {
         };
         let latest = latest.and_then(|l| {
             protocol::event_frame(&subject, l.seq, &l.payload)
-                .map(|json| (l.seq, Frames::new(&json, &self.state.metrics).outgoing(self.shared, 0)))
+                .map(|json| (l.seq, Frames::new(&json, &state.metrics).outgoing(&shared, 0)))
         });
-        self.shared.gate_open(&subject, latest);
+        shared.gate_open(&subject, latest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use daisi_testkit::ws::{WsClient, user_token};
+    use daisi_testkit::{API_KEY, NatsServer, RedisServer, eventually, test_config};
+    use tokio::sync::watch;
+    use tokio_util::sync::CancellationToken;
+
+    /// The message that makes a socket's task panic in this test build.
+    pub const PANIC: &str = "test: panic now";
+
+    fn counter() -> f64 {
+        let text = daisi_common::telemetry::metrics_handle().render();
+        text.lines()
+            .find_map(|l| l.strip_prefix("dws_socket_task_panics_total ").and_then(|v| v.parse().ok()))
+            .unwrap_or(-1.0)
+    }
+
+    #[tokio::test]
+    async fn a_panicking_socket_task_releases_everything_and_is_counted() {
+        let (nats, redis) = (NatsServer::start(), RedisServer::start());
+        let (_tx, rx) = watch::channel(Arc::new(test_config(&nats, &redis)));
+        let stop = CancellationToken::new();
+        let edge = crate::run(rx, stop.clone()).await.expect("edge starts");
+        let state = edge.state.clone();
+        let before = counter();
+        assert!(before >= 0.0, "dws_socket_task_panics_total is registered from the start");
+        let url = |user: &str| {
+            format!("ws://{}/ws/c1/a1?token={}&x-api-key={API_KEY}", edge.http_addr, user_token("c1", "a1", user, 60))
+        };
+        let mut c = WsClient::connect(&url("u1")).await;
+        c.expect_ready().await;
+        assert!(state.hub.has_subscribers("websocket.c1.a1.chats"));
+        c.send_text(PANIC).await;
+        // The panic ends the task: the connection drops without a close frame.
+        let _ = c.next(Duration::from_secs(10)).await;
+        eventually(Duration::from_secs(10), "panic counted", || async { (counter() == before + 1.0).then_some(()) })
+            .await;
+        assert!(!state.hub.has_subscribers("websocket.c1.a1.chats"), "hub subscription released");
+        // The session lock was released: the same user connects again at once.
+        let mut again = WsClient::connect(&url("u1")).await;
+        again.expect_ready().await;
+        again.close().await;
+        stop.cancel();
+        edge.wait().await;
     }
 }

@@ -16,6 +16,11 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, 
 /// keeps its LZ77 window between messages.
 pub const RESPONSE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
+/// [`RESPONSE`] for an offer that named `server_max_window_bits=15`: a server
+/// that accepts such an offer echoes the parameter (RFC 7692 §7.1.2.1).
+pub const RESPONSE_WINDOW_15: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover; server_max_window_bits=15";
+
 /// Compression level for server messages. Each event is compressed once for
 /// all its sockets, so a middle level costs little and saves bandwidth on
 /// every socket.
@@ -25,25 +30,35 @@ const LEVEL: u32 = 6;
 /// (the empty stored block of a sync flush) and a receiver appends back.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Whether one of the client's `Sec-WebSocket-Extensions` offers is a
-/// permessage-deflate offer the edge can accept. Offers are tried in the
-/// client's order; one that asks the server to use a window under 15 bits is
-/// declined (the compressor always uses 32 KiB), as is one with unknown,
-/// repeated or malformed parameters. `headers` are the values of every
-/// `Sec-WebSocket-Extensions` header line.
-pub fn accepts<'a>(headers: impl IntoIterator<Item = &'a str>) -> bool {
-    headers.into_iter().flat_map(|h| h.split(',')).any(offer_acceptable)
+/// An empty final block (fixed Huffman, end-of-block only). Fed after the
+/// tail, it ends the stream only if the message stopped at a block boundary;
+/// data cut short inside a block never reaches the end of the stream.
+const END: [u8; 2] = [0x03, 0x00];
+
+/// The `Sec-WebSocket-Extensions` answer to the client's offers, if one of
+/// them is a permessage-deflate offer the edge can accept. Offers are tried
+/// in the client's order; one that asks the server to use a window under 15
+/// bits is declined (the compressor always uses 32 KiB), as is one with
+/// unknown, repeated or malformed parameters. `headers` are the values of
+/// every `Sec-WebSocket-Extensions` header line.
+pub fn negotiate<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
+    headers.into_iter().flat_map(|h| h.split(',')).find_map(offer_response)
 }
 
-fn offer_acceptable(offer: &str) -> bool {
+/// Whether [`negotiate`] accepts one of the offers.
+pub fn accepts<'a>(headers: impl IntoIterator<Item = &'a str>) -> bool {
+    negotiate(headers).is_some()
+}
+
+fn offer_response(offer: &str) -> Option<&'static str> {
     let mut parts = offer.split(';').map(str::trim);
     if !parts.next().is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate")) {
-        return false;
+        return None;
     }
     let mut seen = [false; 4];
     for param in parts {
         let (name, value) = match param.split_once('=') {
-            Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+            Some((n, v)) => (n.trim(), Some(unquote(v.trim())?)),
             None => (param, None),
         };
         let index = match name.to_ascii_lowercase().as_str() {
@@ -52,13 +67,21 @@ fn offer_acceptable(offer: &str) -> bool {
             // The client limits the window we compress with: only 15 fits.
             "server_max_window_bits" if value.and_then(window_bits) == Some(15) => 2,
             "client_max_window_bits" if value.is_none_or(|v| window_bits(v).is_some()) => 3,
-            _ => return false,
+            _ => return None,
         };
         if std::mem::replace(&mut seen[index], true) {
-            return false;
+            return None;
         }
     }
-    true
+    Some(if seen[2] { RESPONSE_WINDOW_15 } else { RESPONSE })
+}
+
+/// A parameter value, bare or as a quoted string (RFC 7692 §5.1).
+fn unquote(v: &str) -> Option<&str> {
+    match v.strip_prefix('"') {
+        Some(rest) => rest.strip_suffix('"'),
+        None => Some(v),
+    }
 }
 
 fn window_bits(v: &str) -> Option<u8> {
@@ -114,21 +137,24 @@ pub enum InflateError {
 
 /// Inflates one compressed client message, refusing to produce more than
 /// `cap` bytes (the work is bounded by the cap, whatever the input claims).
+/// Data that stops inside a deflate block (truncated) is corrupt.
 pub fn inflate(input: &[u8], cap: usize) -> Result<Vec<u8>, InflateError> {
     DECOMPRESS.with(|d| {
         let mut d = d.borrow_mut();
         d.reset(false);
-        let mut out = Vec::with_capacity((input.len() * 4).max(256).min(cap + 1));
-        for part in [input, &TAIL[..]] {
+        let limit = cap.saturating_add(1);
+        let mut out = Vec::with_capacity(input.len().saturating_mul(4).clamp(256, limit.max(256)));
+        for part in [input, &TAIL[..], &END[..]] {
             let mut rest = part;
             loop {
                 if out.len() == out.capacity() {
-                    out.reserve(out.capacity().min(cap + 1 - out.len()).max(256));
+                    out.reserve(out.capacity().min(limit.saturating_sub(out.len())).max(256));
                 }
                 let (was_in, was_out) = (d.total_in(), out.len());
                 let status =
                     d.decompress_vec(rest, &mut out, FlushDecompress::Sync).map_err(|_| InflateError::Corrupt)?;
-                rest = &rest[(d.total_in() - was_in) as usize..];
+                let used = usize::try_from(d.total_in().saturating_sub(was_in)).map_err(|_| InflateError::Corrupt)?;
+                rest = rest.get(used..).ok_or(InflateError::Corrupt)?;
                 if out.len() > cap {
                     return Err(InflateError::TooBig(cap));
                 }
@@ -140,14 +166,16 @@ pub fn inflate(input: &[u8], cap: usize) -> Result<Vec<u8>, InflateError> {
                     if rest.is_empty() {
                         break;
                     }
-                    if d.total_in() == was_in && out.len() == was_out {
+                    if used == 0 && out.len() == was_out {
                         // Input left, room left, and no progress: not deflate.
                         return Err(InflateError::Corrupt);
                     }
                 }
             }
         }
-        Ok(out)
+        // Even the empty final block did not end the stream: the message
+        // stopped inside a block.
+        Err(InflateError::Corrupt)
     })
 }
 
@@ -179,6 +207,26 @@ mod tests {
             assert!(!accepts([refused]), "{refused}");
         }
         assert!(!accepts([]));
+        // A window size the client set for the server is echoed when accepted.
+        assert_eq!(negotiate(["permessage-deflate; server_max_window_bits=15"]), Some(RESPONSE_WINDOW_15));
+        assert_eq!(negotiate(["permessage-deflate; server_max_window_bits=\"15\""]), Some(RESPONSE_WINDOW_15));
+        assert_eq!(negotiate(["permessage-deflate; client_max_window_bits"]), Some(RESPONSE));
+        assert_eq!(negotiate(["permessage-deflate; client_max_window_bits=\"15"]), None);
+    }
+
+    #[test]
+    fn truncated_data_is_corrupt() {
+        let text: String = (0..300).map(|i| format!("{i} words, ")).collect();
+        let packed = compress(text.as_bytes()).unwrap();
+        assert_eq!(inflate(&packed, 1 << 20).unwrap(), text.as_bytes());
+        for cut in [1, 2, 5, packed.len() / 2, packed.len() - 1] {
+            assert_eq!(inflate(&packed[..cut], 1 << 20), Err(InflateError::Corrupt), "cut at {cut}");
+        }
+        // A message ending in a final block (BFINAL) is whole without the tail.
+        let mut c = Compress::new(Compression::fast(), false);
+        let mut out = Vec::with_capacity(1024);
+        c.compress_vec(b"final", &mut out, FlushCompress::Finish).unwrap();
+        assert_eq!(inflate(&out, 100).unwrap(), b"final");
     }
 
     #[test]

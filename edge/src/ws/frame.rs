@@ -6,10 +6,21 @@
 //! wire bytes, so one event frame is a single shared allocation that every
 //! socket writes as is. An idle socket holds no buffer at all: reads go
 //! through a stack chunk and only a partial frame is kept on the heap.
+//!
+//! Every length read from the wire is checked before it is used: a length
+//! with the top bit set or encoded in more bytes than needed is a protocol
+//! error (1002), sums are checked, and buffers grow with the bytes that
+//! actually arrive, never to a length a header merely declares.
+//!
+//! This module, with `deflate` and `upgrade`, is the edge's WebSocket codec:
+//! it depends on nothing else of the edge, so the echo harness
+//! (`edge/examples/echo.rs`) runs the conformance suite on exactly this code.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Instant;
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Sink, Stream};
@@ -33,7 +44,7 @@ const READ_CHUNK: usize = 4 * 1024;
 
 /// A whole unmasked server frame: header and payload in one allocation.
 fn encode(first: u8, payload: &[u8]) -> Bytes {
-    let mut out = BytesMut::with_capacity(10 + payload.len());
+    let mut out = BytesMut::with_capacity(payload.len().saturating_add(10));
     out.extend_from_slice(&[first]);
     match payload.len() {
         n @ 0..=125 => out.extend_from_slice(&[n as u8]),
@@ -61,6 +72,16 @@ pub fn compressed_text(deflated: &[u8]) -> Bytes {
     encode(FIN | RSV1 | OP_TEXT, deflated)
 }
 
+/// A binary frame carrying `data` uncompressed.
+pub fn binary(data: &[u8]) -> Bytes {
+    encode(FIN | OP_BINARY, data)
+}
+
+/// A binary frame whose payload is already permessage-deflate compressed.
+pub fn compressed_binary(deflated: &[u8]) -> Bytes {
+    encode(FIN | RSV1 | OP_BINARY, deflated)
+}
+
 /// An empty ping.
 pub fn ping() -> Bytes {
     Bytes::from_static(&[FIN | OP_PING, 0])
@@ -68,7 +89,7 @@ pub fn ping() -> Bytes {
 
 /// A pong echoing the ping's payload (at most 125 bytes, checked on read).
 pub fn pong(payload: &[u8]) -> Bytes {
-    encode(FIN | OP_PONG, payload)
+    encode(FIN | OP_PONG, &payload[..payload.len().min(125)])
 }
 
 /// A close frame with `code` and a reason cut to fit a control frame.
@@ -83,12 +104,17 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     encode(FIN | OP_CLOSE, &payload)
 }
 
+/// Whether `code` may appear in a close frame on the wire (RFC 6455 §7.4:
+/// the defined codes, the IANA-registered 1012–1014, and 3000–4999).
+pub fn close_code_allowed(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
 /// A message (or control frame) from the client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Incoming {
     Text(String),
-    /// A binary message; its content is never used.
-    Binary,
+    Binary(Bytes),
     Ping(Bytes),
     Pong,
     /// The client's close frame and its code, if it sent one.
@@ -128,9 +154,13 @@ struct Partial {
     opcode: u8,
     compressed: bool,
     data: Vec<u8>,
+    /// How many leading bytes of `data` are known to be valid UTF-8 (plain
+    /// text only), so invalid text fails at the fragment that carries it.
+    utf8_ok: usize,
 }
 
 /// A parsed frame header.
+#[derive(Debug)]
 struct Header {
     fin: bool,
     rsv1: bool,
@@ -141,12 +171,128 @@ struct Header {
     payload_len: usize,
 }
 
+/// Parses the frame header at the start of `b`: `Ok(None)` while it is
+/// incomplete. `in_message`: bytes of a fragmented message received so far,
+/// if one is open. Every length is checked here, before anything is buffered.
+fn parse_header(
+    b: &[u8],
+    in_message: Option<usize>,
+    deflate: bool,
+    max_message: usize,
+) -> Result<Option<Header>, FrameError> {
+    let (Some(&b0), Some(&b1)) = (b.first(), b.get(1)) else { return Ok(None) };
+    let (fin, rsv1, opcode) = (b0 & FIN != 0, b0 & RSV1 != 0, b0 & 0x0f);
+    if b0 & 0x30 != 0 {
+        return Err(FrameError::Protocol("reserved bits set"));
+    }
+    match opcode {
+        OP_CLOSE | OP_PING | OP_PONG => {
+            if !fin {
+                return Err(FrameError::Protocol("fragmented control frame"));
+            }
+            if rsv1 {
+                return Err(FrameError::Protocol("RSV1 on a control frame"));
+            }
+        }
+        OP_CONTINUATION => {
+            if in_message.is_none() {
+                return Err(FrameError::Protocol("continuation without a message"));
+            }
+            if rsv1 {
+                return Err(FrameError::Protocol("RSV1 on a continuation frame"));
+            }
+        }
+        OP_TEXT | OP_BINARY => {
+            if in_message.is_some() {
+                return Err(FrameError::Protocol("new message inside a fragmented one"));
+            }
+            if rsv1 && !deflate {
+                return Err(FrameError::Protocol("RSV1 without permessage-deflate"));
+            }
+        }
+        _ => return Err(FrameError::Protocol("unknown opcode")),
+    }
+    if b1 & 0x80 == 0 {
+        return Err(FrameError::Protocol("client frames must be masked"));
+    }
+    let (len_bytes, declared): (usize, u64) = match b1 & 0x7f {
+        126 => {
+            let Some(raw) = b.get(2..4) else { return Ok(None) };
+            let n = u16::from_be_bytes([raw[0], raw[1]]);
+            if n < 126 {
+                return Err(FrameError::Protocol("length not minimally encoded"));
+            }
+            (2, u64::from(n))
+        }
+        127 => {
+            let Some(raw) = b.get(2..10) else { return Ok(None) };
+            let mut be = [0u8; 8];
+            be.copy_from_slice(raw);
+            let n = u64::from_be_bytes(be);
+            if n >> 63 != 0 {
+                return Err(FrameError::Protocol("length with the most significant bit set"));
+            }
+            if n <= 0xffff {
+                return Err(FrameError::Protocol("length not minimally encoded"));
+            }
+            (8, n)
+        }
+        n => (0, u64::from(n)),
+    };
+    if opcode & 0x8 != 0 {
+        if declared > 125 {
+            return Err(FrameError::Protocol("control frame over 125 bytes"));
+        }
+    } else {
+        let so_far = u64::try_from(in_message.unwrap_or(0)).map_err(|_| FrameError::TooBig)?;
+        let total = so_far.checked_add(declared).ok_or(FrameError::TooBig)?;
+        if total > u64::try_from(max_message).unwrap_or(u64::MAX) {
+            return Err(FrameError::TooBig);
+        }
+    }
+    let payload_len = usize::try_from(declared).map_err(|_| FrameError::TooBig)?;
+    let len = 2 + len_bytes + 4;
+    let Some(raw) = b.get(len - 4..len) else { return Ok(None) };
+    let mut mask = [0; 4];
+    mask.copy_from_slice(raw);
+    Ok(Some(Header { fin, rsv1, opcode, mask, len, payload_len }))
+}
+
+/// Unmasks `payload` in place (`offset`: its position in the frame's payload).
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u32::from_ne_bytes(mask);
+    let mut chunks = payload.chunks_exact_mut(4);
+    for chunk in &mut chunks {
+        let mut v = [0u8; 4];
+        v.copy_from_slice(chunk);
+        chunk.copy_from_slice(&(u32::from_ne_bytes(v) ^ word).to_ne_bytes());
+    }
+    for (byte, m) in chunks.into_remainder().iter_mut().zip(mask) {
+        *byte ^= m;
+    }
+}
+
+/// Checks the bytes of `data` after `from` as the continuation of valid
+/// UTF-8 text; returns how far it is now known valid. An incomplete sequence
+/// at the end is fine (the next fragment may complete it) unless `complete`.
+fn check_utf8(data: &[u8], from: usize, complete: bool) -> Result<usize, FrameError> {
+    let rest = data.get(from..).unwrap_or_default();
+    match std::str::from_utf8(rest) {
+        Ok(_) => Ok(data.len()),
+        Err(e) if e.error_len().is_none() && !complete => Ok(from + e.valid_up_to()),
+        Err(_) => Err(FrameError::BadData("text is not UTF-8")),
+    }
+}
+
 /// Reads client messages from `R`.
 pub struct Reader<R> {
     io: R,
     /// Bytes of an incomplete frame; empty, and unallocated, between frames.
     buf: BytesMut,
-    partial: Option<Partial>,
+    partial: Option<Box<Partial>>,
+    /// Since when a message has been incomplete (a frame partly received, or
+    /// a fragmented message still open); `None` between messages.
+    incomplete_since: Option<Instant>,
     deflate: bool,
     max_message: usize,
     done: bool,
@@ -156,63 +302,32 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// `deflate`: the socket negotiated permessage-deflate. `max_message`:
     /// the largest message accepted, on the wire and after inflating.
     pub fn new(io: R, deflate: bool, max_message: usize) -> Self {
-        Self { io, buf: BytesMut::new(), partial: None, deflate, max_message, done: false }
+        Self { io, buf: BytesMut::new(), partial: None, incomplete_since: None, deflate, max_message, done: false }
     }
 
-    fn header(&self) -> Result<Option<Header>, FrameError> {
-        let b = &self.buf[..];
-        if b.len() < 2 {
-            return Ok(None);
-        }
-        let (fin, rsv1, opcode) = (b[0] & FIN != 0, b[0] & RSV1 != 0, b[0] & 0x0f);
-        if b[0] & 0x30 != 0 {
-            return Err(FrameError::Protocol("reserved bits set"));
-        }
-        if b[1] & 0x80 == 0 {
-            return Err(FrameError::Protocol("client frames must be masked"));
-        }
-        let (len_bytes, payload_len) = match b[1] & 0x7f {
-            126 if b.len() >= 4 => (2, u16::from_be_bytes([b[2], b[3]]) as u64),
-            127 if b.len() >= 10 => (8, u64::from_be_bytes([b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]])),
-            126 | 127 => return Ok(None),
-            n => (0, n as u64),
-        };
-        let len = 2 + len_bytes + 4;
-        if b.len() < len {
-            return Ok(None);
-        }
-        match opcode {
-            OP_CLOSE | OP_PING | OP_PONG => {
-                if !fin || payload_len > 125 {
-                    return Err(FrameError::Protocol("control frames must be whole and at most 125 bytes"));
-                }
-                if rsv1 {
-                    return Err(FrameError::Protocol("RSV1 on a control frame"));
-                }
-            }
-            OP_TEXT | OP_BINARY | OP_CONTINUATION => {
-                if rsv1 && (!self.deflate || opcode == OP_CONTINUATION) {
-                    return Err(FrameError::Protocol("RSV1 without permessage-deflate, or on a continuation"));
-                }
-                let so_far = self.partial.as_ref().map_or(0, |p| p.data.len()) as u64;
-                if so_far + payload_len > self.max_message as u64 {
-                    return Err(FrameError::TooBig);
-                }
-            }
-            _ => return Err(FrameError::Protocol("unknown opcode")),
-        }
-        let mut mask = [0; 4];
-        mask.copy_from_slice(&b[len - 4..len]);
-        Ok(Some(Header { fin, rsv1, opcode, mask, len, payload_len: payload_len as usize }))
+    /// Since when the client has left a message incomplete (part of a frame,
+    /// or a fragmented message without its final frame), if it has. The
+    /// socket's owner closes a client that takes too long (see 0011).
+    pub fn incomplete_since(&self) -> Option<Instant> {
+        self.incomplete_since
+    }
+
+    /// Bytes this reader holds for an incomplete message (for tests and
+    /// the idle-cost budget).
+    pub fn held_bytes(&self) -> usize {
+        self.buf.capacity() + self.partial.as_ref().map_or(0, |p| p.data.capacity())
     }
 
     /// The next complete message in the buffer, if there is one.
     fn parse(&mut self) -> Result<Option<Incoming>, FrameError> {
         loop {
-            let Some(h) = self.header()? else { return Ok(None) };
-            let total = h.len + h.payload_len;
+            let in_message = self.partial.as_ref().map(|p| p.data.len());
+            let Some(h) = parse_header(&self.buf, in_message, self.deflate, self.max_message)? else {
+                return Ok(None);
+            };
+            let total = h.len.checked_add(h.payload_len).ok_or(FrameError::TooBig)?;
             if self.buf.len() < total {
-                self.buf.reserve(total - self.buf.len());
+                // Grows only as bytes arrive (see `poll_next`).
                 return Ok(None);
             }
             let frame = self.buf.split_to(total);
@@ -220,10 +335,9 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 // Give the allocation back: an idle socket keeps no buffer.
                 self.buf = BytesMut::new();
             }
-            let mut payload = frame[h.len..].to_vec();
-            for (i, byte) in payload.iter_mut().enumerate() {
-                *byte ^= h.mask[i & 3];
-            }
+            let mut payload = frame.get(h.len..).unwrap_or_default().to_vec();
+            drop(frame);
+            unmask(&mut payload, h.mask);
             match h.opcode {
                 OP_PING => return Ok(Some(Incoming::Ping(payload.into()))),
                 OP_PONG => return Ok(Some(Incoming::Pong)),
@@ -233,19 +347,23 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         return Err(FrameError::Protocol("continuation without a message"));
                     };
                     partial.data.extend_from_slice(&payload);
+                    if partial.opcode == OP_TEXT && !partial.compressed {
+                        partial.utf8_ok = check_utf8(&partial.data, partial.utf8_ok, h.fin)?;
+                    }
                     if h.fin {
-                        let Partial { opcode, compressed, data } = self.partial.take().expect("checked above");
+                        let Some(p) = self.partial.take() else {
+                            return Err(FrameError::Protocol("continuation without a message"));
+                        };
+                        let Partial { opcode, compressed, data, .. } = *p;
                         return self.finish(opcode, compressed, data).map(Some);
                     }
                 }
                 opcode => {
-                    if self.partial.is_some() {
-                        return Err(FrameError::Protocol("new message inside a fragmented one"));
-                    }
                     if h.fin {
                         return self.finish(opcode, h.rsv1, payload).map(Some);
                     }
-                    self.partial = Some(Partial { opcode, compressed: h.rsv1, data: payload });
+                    let utf8_ok = if opcode == OP_TEXT && !h.rsv1 { check_utf8(&payload, 0, false)? } else { 0 };
+                    self.partial = Some(Box::new(Partial { opcode, compressed: h.rsv1, data: payload, utf8_ok }));
                 }
             }
         }
@@ -261,19 +379,36 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             data
         };
         if opcode == OP_BINARY {
-            return Ok(Incoming::Binary);
+            return Ok(Incoming::Binary(data.into()));
         }
         String::from_utf8(data).map(Incoming::Text).map_err(|_| FrameError::BadData("text is not UTF-8"))
     }
+
+    /// Keeps `incomplete_since` in step with the buffer after a parse.
+    fn track_incomplete(&mut self, completed: bool) {
+        let incomplete = self.partial.is_some() || !self.buf.is_empty();
+        if !incomplete {
+            self.incomplete_since = None;
+        } else if self.incomplete_since.is_none() || (completed && self.partial.is_none()) {
+            // A new message has begun (the bytes after a completed one).
+            self.incomplete_since = Some(Instant::now());
+        }
+    }
 }
 
+/// The code of a close frame's payload; 1002 for a code that may not be
+/// sent, 1007 for a reason that is not UTF-8.
 fn close_code(payload: &[u8]) -> Result<Option<u16>, FrameError> {
     match payload {
         [] => Ok(None),
         [_] => Err(FrameError::Protocol("close frame with a one-byte body")),
         [a, b, reason @ ..] => {
+            let code = u16::from_be_bytes([*a, *b]);
+            if !close_code_allowed(code) {
+                return Err(FrameError::Protocol("invalid close code"));
+            }
             std::str::from_utf8(reason).map_err(|_| FrameError::BadData("close reason is not UTF-8"))?;
-            Ok(Some(u16::from_be_bytes([*a, *b])))
+            Ok(Some(code))
         }
     }
 }
@@ -288,10 +423,15 @@ impl<R: AsyncRead + Unpin> Stream for Reader<R> {
         }
         loop {
             match this.parse() {
-                Ok(Some(msg)) => return Poll::Ready(Some(Ok(msg))),
-                Ok(None) => {}
+                Ok(Some(msg)) => {
+                    this.track_incomplete(true);
+                    return Poll::Ready(Some(Ok(msg)));
+                }
+                Ok(None) => this.track_incomplete(false),
                 Err(e) => {
                     this.done = true;
+                    this.buf = BytesMut::new();
+                    this.partial = None;
                     return Poll::Ready(Some(Err(e)));
                 }
             }
@@ -310,30 +450,145 @@ impl<R: AsyncRead + Unpin> Stream for Reader<R> {
     }
 }
 
+/// Most frames that may wait in a writer's urgent queue (pongs, pings, error
+/// replies, the close). A peer that lets more pile up is not reading.
+pub const MAX_URGENT: usize = 16;
+
 /// Writes prebuilt frames to `W`, one at a time and without buffering: a
 /// frame goes straight to the kernel, and a shared frame is never copied.
+///
+/// Besides the frame being written, a writer keeps a short queue of urgent
+/// frames (control frames and replies) that go out as soon as the current
+/// frame is done, before anything else is started. Queuing never waits, so a
+/// socket's task never blocks on a peer that does not read: it queues, and
+/// writes whenever the peer makes room (see [`Writer::poll_urgent`]).
 pub struct Writer<W> {
     io: W,
     /// The rest of the frame being written; empty when idle.
     pending: Bytes,
+    /// Frames to write before any other, oldest first (no allocation while empty).
+    urgent: VecDeque<Bytes>,
+    /// Since when the peer has accepted no byte of a frame that is waiting.
+    stalled_since: Option<Instant>,
+    /// A close frame was queued: nothing more is accepted.
+    closing: bool,
 }
+
+/// The writer's urgent queue is full: the peer is not reading.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("too many frames waiting for a peer that does not read")]
+pub struct Backlogged;
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     pub fn new(io: W) -> Self {
-        Self { io, pending: Bytes::new() }
+        Self { io, pending: Bytes::new(), urgent: VecDeque::new(), stalled_since: None, closing: false }
+    }
+
+    /// Queues a frame to go out before any other not yet started. Fails
+    /// when too many are waiting; ignored once a close frame is queued.
+    pub fn push_urgent(&mut self, frame: Bytes) -> Result<(), Backlogged> {
+        if self.closing {
+            return Ok(());
+        }
+        if self.urgent.len() >= MAX_URGENT {
+            return Err(Backlogged);
+        }
+        self.urgent.push_back(frame);
+        Ok(())
+    }
+
+    /// Queues the pong answering a ping. When pongs pile up, the oldest
+    /// waiting one is dropped (RFC 6455 §5.5.3 asks only for the latest).
+    pub fn push_pong(&mut self, payload: &[u8]) -> Result<(), Backlogged> {
+        if !self.closing
+            && self.urgent.len() >= MAX_URGENT
+            && let Some(i) = self.urgent.iter().position(|f| f.first() == Some(&(FIN | OP_PONG)))
+        {
+            self.urgent.remove(i);
+        }
+        self.push_urgent(pong(payload))
+    }
+
+    /// Queues the close frame: the last frame this writer sends.
+    pub fn push_close(&mut self, frame: Bytes) {
+        if !self.closing {
+            self.urgent.push_back(frame);
+            self.closing = true;
+        }
+    }
+
+    /// Whether a close frame has been queued.
+    pub fn closing(&self) -> bool {
+        self.closing
+    }
+
+    /// Whether a frame is being written or urgent frames wait.
+    pub fn busy(&self) -> bool {
+        !self.pending.is_empty() || !self.urgent.is_empty()
+    }
+
+    /// Since when the peer has accepted no byte of a waiting frame (a zero
+    /// receive window); `None` while writes make progress or nothing waits.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        self.stalled_since
+    }
+
+    /// Starts writing `frame` (an event). Call only when not [`busy`](Self::busy).
+    pub fn start(&mut self, frame: Bytes) {
+        debug_assert!(!self.busy(), "start while busy");
+        if !self.closing {
+            self.pending = frame;
+        }
+    }
+
+    /// Writes the current frame to the end, then every urgent frame. Ready
+    /// once nothing is left to write.
+    pub fn poll_urgent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            ready!(self.poll_pending(cx))?;
+            match self.urgent.pop_front() {
+                Some(frame) => self.pending = frame,
+                None => {
+                    // Keep no capacity once drained.
+                    self.urgent = VecDeque::new();
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
     }
 
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.pending.is_empty() {
-            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            match Pin::new(&mut self.io).poll_write(cx, &self.pending) {
+                Poll::Pending => {
+                    if self.stalled_since.is_none() {
+                        self.stalled_since = Some(Instant::now());
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    self.stalled_since = None;
+                    self.pending.advance(n.min(self.pending.len()));
+                }
             }
-            self.pending.advance(n);
         }
         // Drop the reference to the (possibly shared) frame.
         self.pending = Bytes::new();
         Poll::Ready(Ok(()))
+    }
+
+    /// Flushes the transport (after [`poll_urgent`](Self::poll_urgent)).
+    pub fn poll_flush_io(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_urgent(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Writes everything queued, then shuts the transport's write side down.
+    pub fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_urgent(cx))?;
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -341,26 +596,20 @@ impl<W: AsyncWrite + Unpin> Sink<Bytes> for Writer<W> {
     type Error = io::Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.get_mut().poll_pending(cx)
+        self.get_mut().poll_urgent(cx)
     }
 
     fn start_send(self: Pin<&mut Self>, frame: Bytes) -> io::Result<()> {
-        let this = self.get_mut();
-        debug_assert!(this.pending.is_empty(), "start_send without poll_ready");
-        this.pending = frame;
+        self.get_mut().start(frame);
         Ok(())
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_pending(cx))?;
-        Pin::new(&mut this.io).poll_flush(cx)
+        self.get_mut().poll_flush_io(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_pending(cx))?;
-        Pin::new(&mut this.io).poll_shutdown(cx)
+        self.get_mut().poll_shutdown(cx)
     }
 }
 
@@ -389,6 +638,21 @@ mod tests {
         out.extend_from_slice(&mask);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
         out
+    }
+
+    /// A masked frame header with a raw 7-bit length and extended length bytes.
+    fn masked_header(first: u8, len7: u8, extended: &[u8]) -> Vec<u8> {
+        let mut out = vec![first, 0x80 | len7];
+        out.extend_from_slice(extended);
+        out.extend_from_slice(&[1, 2, 3, 4]);
+        out
+    }
+
+    /// A compressed message with its last bytes cut off.
+    fn truncated_deflate() -> Vec<u8> {
+        let text: String = (0..40).map(|i| format!("{i} little words ")).collect();
+        let packed = deflate::compress(text.as_bytes()).unwrap();
+        packed[..packed.len() / 2].to_vec()
     }
 
     async fn read_all(bytes: Vec<u8>, deflate: bool) -> Vec<Result<Incoming, String>> {
@@ -422,7 +686,7 @@ mod tests {
                 Ok(Incoming::Text("hello".into())),
                 Ok(Incoming::Ping(Bytes::from_static(b"p"))),
                 Ok(Incoming::Text("fragmented".into())),
-                Ok(Incoming::Binary),
+                Ok(Incoming::Binary(Bytes::from_static(&[1, 2]))),
                 Ok(Incoming::Text("x".repeat(300))),
                 Ok(Incoming::Pong),
                 Ok(Incoming::Close(Some(1000))),
@@ -458,6 +722,20 @@ mod tests {
             (client_frame(FIN | OP_CLOSE, &[3]), "Some(1002)"),
             (client_frame(FIN | RSV1 | OP_TEXT, &deflate::compress(&[b'a'; 1001]).unwrap()), "Some(1009)"),
             (client_frame(FIN | RSV1 | OP_TEXT, &[0xff; 8]), "Some(1007)"),
+            // Deflate data cut short: it never reaches the end of a block.
+            (client_frame(FIN | RSV1 | OP_TEXT, &truncated_deflate()), "Some(1007)"),
+            // Close codes that may not be sent, and a reason that is not UTF-8.
+            (client_frame(FIN | OP_CLOSE, &[0x03, 0xed]), "Some(1002)"), // 1005
+            (client_frame(FIN | OP_CLOSE, &[0x03, 0xe7]), "Some(1002)"), // 999
+            (client_frame(FIN | OP_CLOSE, &[0x13, 0x88]), "Some(1002)"), // 5000
+            (client_frame(FIN | OP_CLOSE, &[0x03, 0xe8, 0xff]), "Some(1007)"),
+            // Lengths: non-minimal encodings, the top bit of a 64-bit length.
+            (masked_header(FIN | OP_TEXT, 126, &[0, 5]), "Some(1002)"),
+            (masked_header(FIN | OP_TEXT, 127, &[0, 0, 0, 0, 0, 0, 0x01, 0]), "Some(1002)"),
+            (masked_header(FIN | OP_TEXT, 127, &[0xff; 8]), "Some(1002)"),
+            (masked_header(FIN | OP_TEXT, 127, &[0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]), "Some(1009)"),
+            // A new message inside a fragmented one fails at its header.
+            ([client_frame(OP_TEXT, b"a"), masked_header(FIN | OP_TEXT, 1, &[])].concat(), "Some(1002)"),
         ];
         for (wire, code) in cases {
             assert_eq!(read_all(wire.clone(), true).await, vec![Err(code.into())], "{wire:x?}");
@@ -470,6 +748,111 @@ mod tests {
         let mut wire = client_frame(OP_TEXT, b"a");
         wire.extend(client_frame(FIN | OP_TEXT, b"b"));
         assert_eq!(read_all(wire, false).await, vec![Err("Some(1002)".into())]);
+    }
+
+    #[tokio::test]
+    async fn the_overflow_frame_is_a_protocol_error() {
+        // FIN=0 one-byte text, then a continuation whose 64-bit length is all ones.
+        let mut wire = client_frame(OP_TEXT, b"x");
+        wire.extend(masked_header(OP_CONTINUATION, 127, &[0xff; 8]));
+        wire.extend_from_slice(&[0; 64]);
+        assert_eq!(read_all(wire, false).await, vec![Err("Some(1002)".into())]);
+    }
+
+    #[tokio::test]
+    async fn invalid_text_fails_at_the_fragment_that_carries_it() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut reader = Reader::new(server, false, 1000);
+        client.write_all(&client_frame(OP_TEXT, "καλη".as_bytes())).await.unwrap();
+        // A character split across fragments is fine so far.
+        client.write_all(&client_frame(OP_CONTINUATION, &"μέρα".as_bytes()[..3])).await.unwrap();
+        client.write_all(&client_frame(OP_CONTINUATION, &[0xff])).await.unwrap();
+        // No final frame: the error comes from the bad fragment alone.
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader.next()).await.unwrap();
+        assert_eq!(got.unwrap().unwrap_err().close_code(), Some(1007));
+    }
+
+    #[tokio::test]
+    async fn buffers_grow_with_the_bytes_that_arrive() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut reader = Reader::new(server, false, 1 << 20);
+        // A header declaring 1 MiB, then only 10 bytes of it.
+        let frame = client_frame(FIN | OP_BINARY, &vec![7; 1 << 20]);
+        client.write_all(&frame[..24]).await.unwrap();
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(200), reader.next()).await;
+        assert!(pending.is_err(), "nothing complete yet");
+        assert!(reader.held_bytes() < 4096, "holds {} bytes for 24 received", reader.held_bytes());
+        assert!(reader.incomplete_since().is_some());
+        client.write_all(&frame[24..]).await.unwrap();
+        let msg = reader.next().await.unwrap().unwrap();
+        assert_eq!(msg, Incoming::Binary(vec![7; 1 << 20].into()));
+        assert_eq!(reader.incomplete_since(), None);
+        assert_eq!(reader.held_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_open_fragmented_message_stays_incomplete_through_pings() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut reader = Reader::new(server, false, 1000);
+        client.write_all(&client_frame(OP_TEXT, b"half")).await.unwrap();
+        client.write_all(&client_frame(FIN | OP_PING, b"")).await.unwrap();
+        assert_eq!(reader.next().await.unwrap().unwrap(), Incoming::Ping(Bytes::new()));
+        let since = reader.incomplete_since().expect("message still open");
+        client.write_all(&client_frame(FIN | OP_PING, b"")).await.unwrap();
+        assert_eq!(reader.next().await.unwrap().unwrap(), Incoming::Ping(Bytes::new()));
+        assert_eq!(reader.incomplete_since(), Some(since), "pings do not extend the message's deadline");
+        client.write_all(&client_frame(FIN | OP_CONTINUATION, b"!")).await.unwrap();
+        assert_eq!(reader.next().await.unwrap().unwrap(), Incoming::Text("half!".into()));
+        assert_eq!(reader.incomplete_since(), None);
+    }
+
+    #[tokio::test]
+    async fn urgent_frames_go_out_between_frames_and_never_wait() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut w = Writer::new(server);
+        let big = text(&[b'e'; 1000]);
+        w.start(big.clone());
+        // The peer reads nothing yet: queuing still returns at once.
+        for i in 0..3u8 {
+            w.push_pong(&[i]).unwrap();
+        }
+        w.push_urgent(text(b"reply")).unwrap();
+        w.push_close(close(1000, ""));
+        w.push_urgent(text(b"after close")).unwrap();
+        assert!(w.closing());
+        let write = futures_util::future::poll_fn(|cx| w.poll_shutdown(cx));
+        let read = async move {
+            let mut all = Vec::new();
+            let mut client = client;
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut all).await.unwrap();
+            all
+        };
+        let (written, all) = tokio::join!(write, read);
+        written.unwrap();
+        let mut expected = big.to_vec();
+        for i in 0..3u8 {
+            expected.extend_from_slice(&pong(&[i]));
+        }
+        expected.extend_from_slice(&text(b"reply"));
+        expected.extend_from_slice(&close(1000, ""));
+        assert_eq!(all, expected, "the event in progress, then the urgent frames in order, nothing after the close");
+    }
+
+    #[test]
+    fn urgent_queue_is_bounded_and_keeps_the_latest_pongs() {
+        let (_client, server) = tokio::io::duplex(64);
+        let mut w = Writer::new(server);
+        for i in 0..(MAX_URGENT as u8 + 10) {
+            w.push_pong(&[i]).unwrap();
+        }
+        assert_eq!(w.urgent.len(), MAX_URGENT);
+        assert_eq!(w.urgent.back().unwrap()[..], pong(&[MAX_URGENT as u8 + 9])[..]);
+        let (_client, server) = tokio::io::duplex(64);
+        let mut w = Writer::new(server);
+        for _ in 0..MAX_URGENT {
+            w.push_urgent(text(b"r")).unwrap();
+        }
+        assert_eq!(w.push_urgent(text(b"r")), Err(Backlogged));
     }
 
     #[tokio::test]

@@ -1,0 +1,287 @@
+//! Hostile and broken clients against a real edge (real Redis and NATS):
+//! illegal frames, floods, half-sent messages and peers that stop reading.
+//! Each test asserts what the user notices: a close code, and that the same
+//! user can connect again at once.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use daisi_testkit::ws::{Seen, WsClient, user_token};
+use daisi_testkit::{API_KEY, eventually};
+use support::{RunningEdge, Servers, metric};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const T: Duration = Duration::from_secs(10);
+
+/// A WebSocket client that writes raw bytes, so it can send what no library would.
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// One server frame: opcode and payload.
+#[derive(Debug)]
+struct Frame {
+    opcode: u8,
+    payload: Vec<u8>,
+}
+
+impl Raw {
+    /// Connects and completes the handshake; `rcvbuf` shrinks the TCP
+    /// receive buffer (a peer whose window closes after a few KiB).
+    async fn connect(addr: SocketAddr, path: &str, rcvbuf: Option<u32>) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        if let Some(size) = rcvbuf {
+            socket.set_recv_buffer_size(size).unwrap();
+        }
+        let mut stream = socket.connect(addr).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = Vec::new();
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(T, stream.read(&mut chunk)).await.unwrap().unwrap();
+            assert!(n > 0, "connection closed during the handshake");
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        buf.drain(..end);
+        Self { stream, buf }
+    }
+
+    /// A masked client frame with a payload of any length.
+    fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x5a, 0xa5, 0x3c, 0xc3];
+        let mut out = vec![first];
+        match payload.len() {
+            n @ 0..=125 => out.push(0x80 | n as u8),
+            n @ 126..=0xffff => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        out
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// The next server frame, or `None` once the connection ends.
+    async fn next(&mut self, within: Duration) -> Option<Frame> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let read = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk)).await;
+            match read.expect("nothing received in time") {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+
+    /// The next text message as JSON, skipping pings and pongs.
+    async fn json(&mut self) -> serde_json::Value {
+        loop {
+            let f = self.next(T).await.expect("a message");
+            match f.opcode {
+                0x1 => return serde_json::from_slice(&f.payload).unwrap(),
+                0x9 | 0xa => continue,
+                op => panic!("expected a text message, got opcode {op:#x}"),
+            }
+        }
+    }
+
+    /// Reads up to the server's close frame and returns its code (skipping
+    /// events and control frames); `None` if the connection ended without one.
+    async fn close_code(&mut self) -> Option<u16> {
+        loop {
+            let f = self.next(T).await?;
+            if f.opcode == 0x8 {
+                return f.payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            }
+        }
+    }
+}
+
+fn parse_server_frame(b: &[u8]) -> Option<(Frame, usize)> {
+    let (&b0, &b1) = (b.first()?, b.get(1)?);
+    assert_eq!(b1 & 0x80, 0, "server frames are never masked");
+    let (header, len) = match b1 & 0x7f {
+        126 => (4, u16::from_be_bytes([*b.get(2)?, *b.get(3)?]) as usize),
+        127 => (10, u64::from_be_bytes(b.get(2..10)?.try_into().ok()?) as usize),
+        n => (2, n as usize),
+    };
+    let payload = b.get(header..header + len)?.to_vec();
+    Some((Frame { opcode: b0 & 0x0f, payload }, header + len))
+}
+
+fn user_path(company: &str, agent: &str, user: &str) -> String {
+    format!("/ws/{company}/{agent}?token={}&x-api-key={API_KEY}", user_token(company, agent, user, 60))
+}
+
+#[tokio::test]
+async fn overflow_frame_closes_with_1002_and_the_same_user_connects_again_at_once() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    assert!(
+        edge.metrics().await.lines().any(|l| l == "dws_socket_task_panics_total 0"),
+        "the panic counter is registered from the start"
+    );
+    let mut raw = Raw::connect(edge.addr(), &user_path("c1", "a1", "u1"), None).await;
+    assert_eq!(raw.json().await["type"], "ready");
+    // FIN=0 one-byte text, then a continuation whose 64-bit length is all ones.
+    raw.send(&Raw::frame(0x01, b"x")).await;
+    let mut overflow = vec![0x00, 0x80 | 127];
+    overflow.extend_from_slice(&[0xff; 8]);
+    overflow.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+    raw.send(&overflow).await;
+    assert_eq!(raw.close_code().await, Some(1002));
+
+    // The same user, at once: the session was released.
+    let mut again = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    again.expect_ready().await;
+    assert_eq!(metric(&edge.metrics().await, "dws_socket_task_panics_total"), 0.0);
+    assert_eq!(metric(&edge.metrics().await, "dws_active_connections{kind=\"user\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn illegal_lengths_and_close_codes_close_with_1002() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let masked_header = |len7: u8, extended: &[u8]| {
+        let mut f = vec![0x81, 0x80 | len7];
+        f.extend_from_slice(extended);
+        f.extend_from_slice(&[1, 2, 3, 4]);
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("top bit of a 64-bit length", masked_header(127, &[0x80, 0, 0, 0, 0, 0, 0, 1])),
+        ("5 encoded in 16 bits", masked_header(126, &[0, 5])),
+        ("300 encoded in 64 bits", masked_header(127, &[0, 0, 0, 0, 0, 0, 1, 44])),
+        ("close code 1005", Raw::frame(0x88, &[0x03, 0xed])),
+        ("close code 2999", Raw::frame(0x88, &[0x0b, 0xb7])),
+    ];
+    for (i, (what, wire)) in cases.into_iter().enumerate() {
+        let mut raw = Raw::connect(edge.addr(), &user_path("c1", "a1", &format!("u{i}")), None).await;
+        assert_eq!(raw.json().await["type"], "ready");
+        raw.send(&wire).await;
+        assert_eq!(raw.close_code().await, Some(1002), "{what}");
+    }
+}
+
+#[tokio::test]
+async fn ping_flood_closes_with_4429() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.app.client_max_messages_per_second = 1;
+    cfg.app.client_burst = 5;
+    let edge = RunningEdge::start(cfg).await;
+    let mut raw = Raw::connect(edge.addr(), &user_path("c1", "a1", "u1"), None).await;
+    assert_eq!(raw.json().await["type"], "ready");
+    let mut flood = Vec::new();
+    for _ in 0..50 {
+        flood.extend(Raw::frame(0x89, b"ping"));
+    }
+    raw.send(&flood).await;
+    let error = raw.json().await;
+    assert_eq!(error["payload"]["code"], "RateLimitExceeded", "{error}");
+    assert_eq!(raw.close_code().await, Some(4429));
+}
+
+#[tokio::test]
+async fn a_fragmented_message_left_open_is_closed_at_its_deadline() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.app.ping_interval_seconds = 1;
+    cfg.app.pong_wait_seconds = 2;
+    let edge = RunningEdge::start(cfg).await;
+    let mut raw = Raw::connect(edge.addr(), &user_path("c1", "a1", "u1"), None).await;
+    assert_eq!(raw.json().await["type"], "ready");
+    raw.send(&Raw::frame(0x01, b"{\"type\":")).await;
+    // The client stays chatty (pings), so only the message's own deadline can end it.
+    let (mut read, mut write) = raw.stream.into_split();
+    let pinger = tokio::spawn(async move {
+        for _ in 0..40 {
+            if write.write_all(&Raw::frame(0x89, b"")).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    let mut buf = std::mem::take(&mut raw.buf);
+    let code = tokio::time::timeout(T, async {
+        loop {
+            if let Some((f, used)) = parse_server_frame(&buf) {
+                buf.drain(..used);
+                if f.opcode == 0x8 {
+                    return f.payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                }
+                continue;
+            }
+            let mut chunk = [0u8; 4096];
+            match read.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("closed within the deadline");
+    pinger.abort();
+    assert_eq!(code, Some(1008));
+}
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_taken_over_within_the_takeover_wait() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let mut stuck = Raw::connect(edge.addr(), &user_path("c1", "a1", "u1"), Some(4096)).await;
+    assert_eq!(stuck.json().await["type"], "ready");
+    // Fill the path to the peer: its window closes and the edge's writes stall.
+    let payload = format!(r#"{{"blob":"{}"}}"#, "z".repeat(30 * 1024));
+    for seq in 1..=300 {
+        edge.publish("websocket.c1.a1.chats", seq, &payload);
+        if seq % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Pings the edge must answer while it cannot write: answering them must not wedge it.
+    let mut pings = Vec::new();
+    for _ in 0..10 {
+        pings.extend(Raw::frame(0x89, b"are you there"));
+    }
+    stuck.send(&pings).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    // The same user on a new socket takes the session over (4402 goes to the old one).
+    let mut fresh = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    match fresh.next(T).await {
+        Seen::Json(v) => assert_eq!(v["type"], "ready", "takeover of a peer that does not read: {v}"),
+        other => panic!("expected ready, got {other:?}"),
+    }
+    eventually(T, "one user socket left", || async {
+        (metric(&edge.metrics().await, "dws_active_connections{kind=\"user\"}") == 1.0).then_some(())
+    })
+    .await;
+}
