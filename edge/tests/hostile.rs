@@ -285,3 +285,56 @@ async fn a_peer_that_stops_reading_is_taken_over_within_the_takeover_wait() {
     })
     .await;
 }
+
+/// Sends a handshake with `extra` headers (and `version`, `key`); returns the response head.
+async fn handshake_head(addr: SocketAddr, version: &str, key: &str, extra: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n{extra}\r\n",
+        user_path("c1", "a1", "u1")
+    );
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(T, stream.read(&mut chunk)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before a response");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn handshake_version_key_and_window_bits() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let head = handshake_head(edge.addr(), "8", key, "").await;
+    assert!(head.starts_with("http/1.1 426"), "{head}");
+    assert!(head.contains("sec-websocket-version: 13"), "{head}");
+    for bad_key in ["abc", "dGhlIHNhbXBsZSBub25jZQ", "dGhlIHNhbXBsZSBub25jZQ=!", "AAAAAAAAAAAAAAAAAAAAAAAAAAAA"] {
+        let head = handshake_head(edge.addr(), "13", bad_key, "").await;
+        assert!(head.starts_with("http/1.1 400"), "{bad_key}: {head}");
+    }
+    let head = handshake_head(
+        edge.addr(),
+        "13",
+        key,
+        "Sec-WebSocket-Extensions: permessage-deflate; server_max_window_bits=15\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let ext = head.lines().find(|l| l.starts_with("sec-websocket-extensions:")).unwrap_or_default();
+    assert!(ext.contains("permessage-deflate") && ext.contains("server_max_window_bits=15"), "{head}");
+    let head = handshake_head(
+        edge.addr(),
+        "13",
+        "AQIDBAUGBwgJCgsMDQ4PEA==",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
+    assert!(head.starts_with("http/1.1 101") && !head.contains("server_max_window_bits"), "{head}");
+}
