@@ -81,6 +81,12 @@ pub struct ServerConfig {
     pub canary_interval_seconds: u64,
     /// A probe not back within this long reports delivery as failing, in seconds.
     pub canary_timeout_seconds: u64,
+    /// PEM certificate the gRPC listener presents; set (with the key) = TLS on. Reloaded on change.
+    pub grpc_tls_cert_file: String,
+    /// PEM private key of `server.grpc_tls_cert_file`.
+    pub grpc_tls_key_file: String,
+    /// PEM CA that router client certificates must chain to; set = mutual TLS.
+    pub grpc_tls_client_ca_file: String,
 }
 
 impl Default for ServerConfig {
@@ -98,6 +104,9 @@ impl Default for ServerConfig {
             drain_window_seconds: 5,
             canary_interval_seconds: 5,
             canary_timeout_seconds: 15,
+            grpc_tls_cert_file: String::new(),
+            grpc_tls_key_file: String::new(),
+            grpc_tls_client_ca_file: String::new(),
         }
     }
 }
@@ -118,6 +127,14 @@ pub struct RouterConfig {
     pub nak_delay_ms: u64,
     /// Messages asked for in one pull.
     pub pull_batch_size: u32,
+    /// PEM CA the edges' gRPC certificates chain to; set = TLS to edges.
+    pub edge_tls_ca_file: String,
+    /// PEM client certificate presented to edges (mutual TLS), with `router.edge_tls_key_file`.
+    pub edge_tls_cert_file: String,
+    /// PEM private key of `router.edge_tls_cert_file`.
+    pub edge_tls_key_file: String,
+    /// Name the edges' certificates are checked against; empty = the host of each edge's address.
+    pub edge_tls_server_name: String,
 }
 
 impl Default for RouterConfig {
@@ -129,6 +146,10 @@ impl Default for RouterConfig {
             edge_ack_timeout_ms: 2000,
             nak_delay_ms: 1000,
             pull_batch_size: 256,
+            edge_tls_ca_file: String::new(),
+            edge_tls_cert_file: String::new(),
+            edge_tls_key_file: String::new(),
+            edge_tls_server_name: String::new(),
         }
     }
 }

@@ -215,6 +215,40 @@ pub fn validate(config: &Config) -> Result<(), (String, String)> {
     if r.tls_cert_file.is_empty() != r.tls_key_file.is_empty() {
         return err("redis.tls_key_file", "redis.tls_cert_file and redis.tls_key_file go together");
     }
+    validate_grpc_tls(config)
+}
+
+/// The router → edge gRPC TLS keys.
+fn validate_grpc_tls(config: &Config) -> Result<(), (String, String)> {
+    let err = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
+    let s = &config.server;
+    for (key, path) in [
+        ("server.grpc_tls_cert_file", &s.grpc_tls_cert_file),
+        ("server.grpc_tls_key_file", &s.grpc_tls_key_file),
+        ("server.grpc_tls_client_ca_file", &s.grpc_tls_client_ca_file),
+    ] {
+        readable(key, path)?;
+    }
+    if s.grpc_tls_cert_file.is_empty() != s.grpc_tls_key_file.is_empty() {
+        return err("server.grpc_tls_key_file", "server.grpc_tls_cert_file and server.grpc_tls_key_file go together");
+    }
+    if !s.grpc_tls_client_ca_file.is_empty() && s.grpc_tls_cert_file.is_empty() {
+        return err("server.grpc_tls_client_ca_file", "needs server.grpc_tls_cert_file (mutual TLS is TLS first)");
+    }
+    let r = &config.router;
+    for (key, path) in [
+        ("router.edge_tls_ca_file", &r.edge_tls_ca_file),
+        ("router.edge_tls_cert_file", &r.edge_tls_cert_file),
+        ("router.edge_tls_key_file", &r.edge_tls_key_file),
+    ] {
+        readable(key, path)?;
+    }
+    if r.edge_tls_cert_file.is_empty() != r.edge_tls_key_file.is_empty() {
+        return err("router.edge_tls_key_file", "router.edge_tls_cert_file and router.edge_tls_key_file go together");
+    }
+    if r.edge_tls_ca_file.is_empty() && (!r.edge_tls_cert_file.is_empty() || !r.edge_tls_server_name.is_empty()) {
+        return err("router.edge_tls_ca_file", "must be set to use TLS to edges");
+    }
     Ok(())
 }
 

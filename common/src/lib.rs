@@ -13,6 +13,7 @@ pub mod scripts;
 pub mod secret;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 
 pub use config::{Config, Role};

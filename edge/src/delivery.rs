@@ -115,7 +115,11 @@ fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
 
 /// Serves `EdgeDelivery` (and gRPC reflection when `server.enable_reflection`)
 /// on `listener` until the edge shuts down.
-pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<EdgeState>,
+    tls: Option<Arc<daisi_common::tls::ReloadingServerConfig>>,
+) {
     let dedup = Arc::new(Dedup::default());
     {
         let dedup = dedup.clone();
@@ -133,7 +137,6 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
     let stop = state.shutdown.clone();
     let enable_reflection = state.cfg().server.enable_reflection;
     let svc = EdgeDeliveryServer::new(Delivery { state, dedup });
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     // The standard reflection service, v1 and v1alpha (older clients such as
     // some grpcurl builds ask for it), over EdgeDelivery's descriptors. It only
     // describes the schema: calling EdgeDelivery still needs the internal token.
@@ -150,17 +153,73 @@ pub async fn serve(listener: TcpListener, state: Arc<EdgeState>) {
         }
         (false, ..) => (None, None),
     };
-    let result = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(svc)
         .add_optional_service(reflection_v1)
-        .add_optional_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-        .await;
+        .add_optional_service(reflection_v1alpha);
+    let result = match tls {
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }).await
+        }
+        Some(tls) => {
+            let incoming = tls_incoming(listener, tls, stop.clone());
+            router.serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await }).await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }
+}
+
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepted connections after their TLS handshake (with the configuration of
+/// the moment, so rotated files apply to new connections). A failed handshake
+/// drops that connection only (counted, logged at debug).
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<daisi_common::tls::ReloadingServerConfig>,
+    stop: tokio_util::sync::CancellationToken,
+) -> impl Stream<Item = Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "gRPC accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => {
+                        counter!("dws_grpc_refused_total", "reason" => "tls_handshake").increment(1);
+                        tracing::debug!(%peer, error = %e, "gRPC TLS handshake failed");
+                    }
+                    Err(_) => {
+                        counter!("dws_grpc_refused_total", "reason" => "tls_handshake").increment(1);
+                        tracing::debug!(%peer, "gRPC TLS handshake timed out");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 #[cfg(test)]

@@ -47,6 +47,8 @@ pub enum EdgeError {
     Keys(#[from] daisi_common::token::TokenError),
     #[error("server.pod_id `{0}` must be 1-253 characters of [A-Za-z0-9._-]")]
     PodId(String),
+    #[error("gRPC TLS: {0}")]
+    GrpcTls(String),
 }
 
 /// Everything a connection or request handler needs.
@@ -221,7 +223,19 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
             }
         })
     };
-    let grpc_task = tokio::spawn(delivery::serve(grpc_listener, state.clone()));
+    let grpc_tls = if cfg.server.grpc_tls_cert_file.is_empty() {
+        None
+    } else {
+        let s = &cfg.server;
+        let tls = daisi_common::tls::ReloadingServerConfig::new(
+            &s.grpc_tls_cert_file,
+            &s.grpc_tls_key_file,
+            &s.grpc_tls_client_ca_file,
+        )
+        .map_err(EdgeError::GrpcTls)?;
+        Some(Arc::new(tls))
+    };
+    let grpc_task = tokio::spawn(delivery::serve(grpc_listener, state.clone(), grpc_tls));
 
     tracing::info!(%http_addr, %grpc_addr, %advertise, %pod_id, "edge listening");
     let done = {

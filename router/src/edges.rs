@@ -17,7 +17,6 @@ use dashmap::mapref::entry::Entry;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Endpoint;
 
 use crate::breaker::Breaker;
 use crate::metrics::RouterMetrics;
@@ -299,8 +298,8 @@ impl Actor {
         let cfg = self.config.borrow().clone();
         let token = MetadataValue::try_from(cfg.auth.internal_token.expose())
             .map_err(|_| DeliveryError::Connect("auth.internal_token is not a valid metadata value".into()))?;
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.addr))
-            .map_err(|e| DeliveryError::Connect(format!("bad edge address: {e}")))?
+        let endpoint = crate::edge_tls::endpoint(&self.addr, &cfg.router)
+            .map_err(DeliveryError::Connect)?
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))

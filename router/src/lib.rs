@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod breaker;
+pub mod edge_tls;
 pub mod edges;
 pub mod jetstream;
 pub mod metrics;
