@@ -190,8 +190,44 @@ fn dev_stack_serves_events_and_stops_cleanly() {
                 break;
             }
         }
+
+        // An event published by hand, with the command the banner prints.
+        let publish = Command::new(STACK)
+            .args(["publish", "--nats-url", &vars["NATS_URL"], "websocket.demo.agent1.chats", r#"{"by_hand":true}"#])
+            .output()
+            .expect("run daisi-dev-stack publish");
+        let said = String::from_utf8_lossy(&publish.stdout).into_owned();
+        assert!(publish.status.success(), "{said}{}", String::from_utf8_lossy(&publish.stderr));
+        let seq: u64 = said
+            .trim()
+            .rsplit_once("stream seq ")
+            .and_then(|(_, n)| n.trim_end_matches(')').parse().ok())
+            .unwrap_or_else(|| panic!("no stream seq in {said:?}"));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let ev = ws.event(left).await;
+            if ev["payload"]["by_hand"] == true {
+                assert_eq!(
+                    (ev["subject"].as_str(), ev["seq"].as_u64()),
+                    (Some("websocket.demo.agent1.chats"), Some(seq))
+                );
+                break;
+            }
+        }
         ws.close().await;
     });
+    assert!(
+        stack.output().contains(&format!("publish --nats-url {}", vars["NATS_URL"])),
+        "the banner shows how to publish"
+    );
+
+    // Log files are plain text: no terminal colour codes.
+    let log_dir = PathBuf::from(&vars["LOG_DIR"]);
+    for log in ["edge-1.log", "edge-2.log", "router.log"] {
+        let text = std::fs::read_to_string(log_dir.join(log)).expect("log file");
+        assert!(!text.is_empty() && !text.contains('\x1b'), "{log} is empty or has ANSI codes:\n{text}");
+    }
 
     let code = stack.stop(Duration::from_secs(60));
     let output = stack.output();
