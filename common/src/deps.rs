@@ -69,6 +69,12 @@ pub fn redis_manager(client: redis::Client) -> Result<ConnectionManager, DepsErr
     ConnectionManager::new_lazy_with_config(client, cfg).map_err(DepsError::Redis)
 }
 
+/// How often the NATS client pings its server. Three unanswered pings (about
+/// 6 s) mark the connection dead and the client moves to another server of
+/// `nats.url`: a frozen server (no RST, no FIN) is left behind, not waited on
+/// for minutes (the library's default is 60 s between pings).
+pub const NATS_PING_INTERVAL: Duration = Duration::from_secs(2);
+
 /// A NATS client. With `retry_on_failed_connect` it returns at once and keeps
 /// connecting in the background; reconnects are unlimited, with jittered backoff.
 pub async fn nats_client(config: &NatsConfig, name: &str) -> Result<async_nats::Client, DepsError> {
@@ -76,6 +82,7 @@ pub async fn nats_client(config: &NatsConfig, name: &str) -> Result<async_nats::
         .name(name)
         .max_reconnects(None)
         .connection_timeout(Duration::from_secs(2))
+        .ping_interval(NATS_PING_INTERVAL)
         .reconnect_delay_callback(|attempts| {
             let base = Duration::from_millis(100u64.saturating_mul(1 << attempts.min(5)));
             let capped = base.min(Duration::from_secs(3));

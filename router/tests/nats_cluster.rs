@@ -1,0 +1,144 @@
+//! Two edges and two routers on a three-node NATS cluster (stream with three
+//! replicas, `nats.url` listing every server) and one Redis: losing one NATS
+//! server — the stream's leader — while events flow loses nothing, doubles
+//! nothing and closes no socket.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use daisi_common::{Config, names};
+use daisi_testkit::cluster::NatsCluster;
+use daisi_testkit::{RedisServer, eventually, test_config_for, unique};
+use serde_json::json;
+use support::*;
+
+async fn router_with(config: Config) -> RunningRouter {
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(config));
+    let token = tokio_util::sync::CancellationToken::new();
+    let router = daisi_router::run(rx, token.clone()).await.expect("router starts");
+    wait_ready(router.http_addr).await;
+    RunningRouter { token, router: Some(router), config: tx }
+}
+
+async fn edge_with(config: &Config) -> RunningEdge {
+    let mut c = config.clone();
+    c.server.pod_id = unique("edge").replace('_', "-");
+    let token = tokio_util::sync::CancellationToken::new();
+    let edge = daisi_edge::run(tokio::sync::watch::channel(Arc::new(c)).1, token.clone()).await.expect("edge starts");
+    wait_ready(edge.http_addr).await;
+    RunningEdge { token, edge: Some(edge) }
+}
+
+/// Index (0..3) of the server leading the stream's RAFT group.
+async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<usize> {
+    let mut s = js.get_stream(stream).await.ok()?;
+    let info = s.info().await.ok()?;
+    let leader = info.cluster.as_ref()?.leader.as_ref()?;
+    leader.strip_prefix('n')?.parse().ok()
+}
+
+async fn wait_registry_complete(config: &Config) {
+    let client = daisi_common::deps::redis_client(&config.redis).expect("redis client");
+    let conn = daisi_common::deps::redis_manager(client).expect("redis connection");
+    let window = config.app.ttl_refresh_interval_seconds as i64 * 1000 + 2000;
+    eventually(WAIT, "route registry complete", || {
+        let mut conn = conn.clone();
+        async move {
+            let marker: Option<i64> =
+                redis::cmd("GET").arg(names::REGISTRY_GENERATION_KEY).query_async(&mut conn).await.ok()?;
+            let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.ok()?;
+            (secs * 1000 + micros / 1000 - marker? >= window).then_some(())
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_stream_leader_while_events_flow_loses_nothing() {
+    let mut nats = NatsCluster::start();
+    let redis = RedisServer::start();
+    let mut config = test_config_for(nats.urls(), redis.address());
+    config.nats.stream_replicas = 3;
+
+    let _r1 = router_with(config.clone()).await;
+    let _r2 = router_with(config.clone()).await;
+    let e1 = edge_with(&config).await;
+    let e2 = edge_with(&config).await;
+    let mut u1 = user(e1.edge(), "c1", "a1", "u1").await;
+    let mut u2 = user(e2.edge(), "c1", "a1", "u2").await;
+    wait_registry_complete(&config).await;
+
+    let publisher = daisi_common::deps::nats_client(&config.nats, "test publisher").await.expect("publisher");
+    let js = jetstream::new(publisher);
+    let info = js.get_stream(&config.nats.stream_name).await.expect("stream").info().await.expect("info").clone();
+    assert_eq!(info.config.num_replicas, 3, "the router created the stream with three replicas");
+    let leader = eventually(WAIT, "stream leader known", || stream_leader(&js, &config.nats.stream_name)).await;
+
+    let subject = names::chats_subject("c1", "a1");
+    let mut published = BTreeSet::new();
+    for i in 0..60 {
+        if i == 20 {
+            nats.kill(leader);
+        }
+        published.insert(publish_json(&js, &subject, &json!({"i": i})).await);
+    }
+    assert_eq!(published.len(), 60);
+    for (who, c) in [("u1 on edge 1", &mut u1), ("u2 on edge 2", &mut u2)] {
+        let got = distinct_seqs(c, published.len(), who).await;
+        assert_eq!(got, published, "{who}: every event, once");
+    }
+    let new_leader = eventually(WAIT, "a new stream leader", || stream_leader(&js, &config.nats.stream_name)).await;
+    assert_ne!(new_leader, leader);
+
+    // The server comes back; events keep flowing, sockets stayed open.
+    nats.restart(leader);
+    nats.wait_healthy(WAIT).expect("cluster healthy again");
+    let seq = publish_json(&js, &subject, &json!({"after": true})).await;
+    for c in [&mut u1, &mut u2] {
+        assert_eq!(c.event(WAIT).await["seq"], seq);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_nats_server_is_left_behind_and_nothing_is_lost() {
+    let mut nats = NatsCluster::start();
+    let redis = RedisServer::start();
+    let mut config = test_config_for(nats.urls(), redis.address());
+    config.nats.stream_replicas = 3;
+
+    let _r1 = router_with(config.clone()).await;
+    let _r2 = router_with(config.clone()).await;
+    let e1 = edge_with(&config).await;
+    let e2 = edge_with(&config).await;
+    let mut u1 = user(e1.edge(), "c1", "a1", "u1").await;
+    let mut u2 = user(e2.edge(), "c1", "a1", "u2").await;
+    wait_registry_complete(&config).await;
+
+    let publisher = daisi_common::deps::nats_client(&config.nats, "test publisher").await.expect("publisher");
+    let js = jetstream::new(publisher);
+    let leader = eventually(WAIT, "stream leader known", || stream_leader(&js, &config.nats.stream_name)).await;
+    let subject = names::chats_subject("c1", "a1");
+    let mut published = BTreeSet::new();
+    for i in 0..10 {
+        published.insert(publish_json(&js, &subject, &json!({"i": i})).await);
+    }
+    // SIGSTOP: the server keeps its sockets and answers nothing. Clients
+    // connected to it must notice by themselves (pings), not by a closed socket.
+    nats.freeze(leader);
+    for i in 10..30 {
+        published.insert(publish_json(&js, &subject, &json!({"i": i})).await);
+    }
+    for (who, c) in [("u1 on edge 1", &mut u1), ("u2 on edge 2", &mut u2)] {
+        let got = distinct_seqs(c, published.len(), who).await;
+        assert_eq!(got, published, "{who}: every event, once, while a server is frozen");
+    }
+    nats.thaw(leader);
+    nats.wait_healthy(WAIT).expect("cluster healthy again");
+    let seq = publish_json(&js, &subject, &json!({"after": true})).await;
+    for c in [&mut u1, &mut u2] {
+        assert_eq!(c.event(WAIT).await["seq"], seq);
+    }
+}
