@@ -247,6 +247,76 @@ async fn tls_to_nats_and_redis_with_a_ca_file() {
     delivers_and_hides(config, &[]).await;
 }
 
+/// A signed NATS JWT (v2) for `claims` (`iss`, `sub`, `iat`, `jti` added).
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, name: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let header = b64.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = json!({
+        "jti": unique("jti").replace('_', "").to_uppercase(),
+        "iat": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+        "iss": issuer.public_key(),
+        "name": name,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = b64.encode(serde_json::to_vec(&claims).unwrap());
+    let signing_input = format!("{header}.{body}");
+    let sig = issuer.sign(signing_input.as_bytes()).expect("sign");
+    format!("{signing_input}.{}", b64.encode(sig))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_creds_file_authenticates_against_an_operator_mode_server() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user_key = nkeys::KeyPair::new_user();
+    let op_jwt = jwt(&operator, &operator.public_key(), "op", json!({"type": "operator", "version": 2}));
+    let limits = json!({"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true,
+        "conn": -1, "leaf": -1, "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1});
+    let acc_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        "acc",
+        json!({"limits": limits, "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user_key.public_key(),
+        "dws",
+        json!({"pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}),
+    );
+    let seed = user_key.seed().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("dws.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             ************************* IMPORTANT *************************\n\
+             NKEY Seed printed below can be used to sign and prove identity.\n\n\
+             -----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        ),
+    )
+    .unwrap();
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let sys_pub = system.public_key();
+    let sys_jwt = jwt(&operator, &sys_pub, "SYS", json!({"type": "account", "version": 2}));
+    let (acc_pub, op_jwt2, acc_jwt2) = (account.public_key(), op_jwt.clone(), acc_jwt.clone());
+    let nats = CustomServer::nats(move |port, store| {
+        format!(
+            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: {:?} }}\noperator: {op_jwt2}\nresolver: MEMORY\n\
+             system_account: {sys_pub}\nresolver_preload: {{ {acc_pub}: {acc_jwt2}, {sys_pub}: {sys_jwt} }}\n",
+            store.display().to_string()
+        )
+    });
+    let redis = RedisServer::start();
+    let mut config = base_config(format!("nats://127.0.0.1:{}", nats.port()), redis.address());
+    config.nats.credentials_file = creds.display().to_string();
+    delivers_and_hides(config, &[&seed]).await;
+}
+
 #[test]
 fn check_config_masks_every_dependency_secret_and_names_bad_keys() {
     let run = |env: &[(&str, &str)]| {
