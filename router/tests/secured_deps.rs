@@ -362,3 +362,26 @@ fn check_config_masks_every_dependency_secret_and_names_bad_keys() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_across_edges_through_an_acl_redis_uses_authenticated_pub_sub() {
+    // The kill switch travels over Redis pub/sub: its connections must AUTH too.
+    let nats = daisi_testkit::NatsServer::start();
+    let redis = redis_with_acl();
+    let mut config = base_config(nats.url(), format!("127.0.0.1:{}", redis.port()));
+    config.redis.username = "dws".into();
+    config.redis.password = Secret::new(REDIS_PASSWORD);
+    let token = tokio_util::sync::CancellationToken::new();
+    let mut edges = Vec::new();
+    for _ in 0..2 {
+        let mut c = config.clone();
+        c.server.pod_id = unique("edge").replace('_', "-");
+        let e = daisi_edge::run(tokio::sync::watch::channel(Arc::new(c)).1, token.clone()).await.expect("edge");
+        wait_ready(e.http_addr).await;
+        edges.push(e);
+    }
+    let mut old = user(&edges[0], "c1", "a1", "u1").await;
+    let new = user(&edges[1], "c1", "a1", "u1");
+    let (_, ()) = tokio::join!(new, old.expect_error_then_close("SessionConflict", 4402));
+    token.cancel();
+}
