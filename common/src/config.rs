@@ -363,6 +363,9 @@ pub struct AppConfig {
     pub client_burst: u32,
     /// How long a new socket waits for the old owner of its session to let go, in milliseconds.
     pub session_takeover_wait_ms: u64,
+    /// Most stored events replayed to one resuming subscription (a subject, or an
+    /// admin's scope); above it the client gets a `gap` with reason `limit`.
+    pub resume_max_events: u64,
     pub compression: CompressionConfig,
 }
 
@@ -380,6 +383,7 @@ impl Default for AppConfig {
             client_max_messages_per_second: 10,
             client_burst: 20,
             session_takeover_wait_ms: 3000,
+            resume_max_events: 1000,
             compression: CompressionConfig::default(),
         }
     }
@@ -565,6 +569,7 @@ impl Config {
             ("app.client_max_messages_per_second", u64::from(a.client_max_messages_per_second)),
             ("app.client_burst", u64::from(a.client_burst)),
             ("app.session_takeover_wait_ms", a.session_takeover_wait_ms),
+            ("app.resume_max_events", a.resume_max_events),
             ("auth.token_cache_max_entries", self.auth.token_cache_max_entries),
             ("server.canary_interval_seconds", self.server.canary_interval_seconds),
             ("router.max_in_flight", u64::from(self.router.max_in_flight)),

@@ -114,6 +114,11 @@ pub fn admin_route_keys(company: &str, agent: &str) -> [String; 4] {
 pub const KILL_SWITCH_CHANNEL: &str = "dws:kill_switch";
 /// Pub/sub channel on which edges announce route changes (routers drop caches).
 pub const ROUTE_CHANGES_CHANNEL: &str = "dws:route_changes";
+/// Longest a router reuses a route resolution without asking Redis again
+/// (announcements on [`ROUTE_CHANGES_CHANNEL`] drop it sooner). A route
+/// written now is seen by every router's resolution at the latest this long
+/// after: the edge's resume waits it out before taking its cut.
+pub const ROUTE_CACHE_TTL: std::time::Duration = std::time::Duration::from_millis(500);
 /// Key holding the route registry generation (see the router's "no route" rule).
 pub const REGISTRY_GENERATION_KEY: &str = "dws:registry:generation";
 

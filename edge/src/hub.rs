@@ -117,10 +117,40 @@ pub struct QueuePolicy {
 
 /// The selected chat's gate: live events of the selected subject are held
 /// while the latest stored message is read, then only those newer than it pass.
+/// A chat resumed with `after_seq` passes everything but `after < seq <= until`
+/// (replayed, or announced as a gap).
 enum Gate {
     None,
     Pending { subject: Arc<str>, held: Vec<(u64, Outgoing)> },
     Open { subject: Arc<str>, min_seq: u64 },
+    Resumed { subject: Arc<str>, after: u64, until: u64 },
+}
+
+/// Where a resumed socket's client stands on its connect-time subjects
+/// (chats, or an admin's scope), and the replay's cut: live events with
+/// `position < seq <= until` were replayed (or announced as a gap) and are
+/// dropped; the rest pass, including late redeliveries below the position.
+#[derive(Debug, Clone, Default)]
+pub struct ResumeFilter {
+    pub positions: protocol::Positions,
+    pub until: u64,
+}
+
+impl ResumeFilter {
+    /// Whether a live event must still reach the socket.
+    pub fn passes(&self, subject: &str, seq: u64) -> bool {
+        match self.positions.after(subject) {
+            Some(after) => !(after < seq && seq <= self.until),
+            None => true,
+        }
+    }
+}
+
+/// The connect-time subjects' gate of a resuming socket.
+enum BaseGate {
+    /// Live events held while the replay is read.
+    Holding(Vec<(Box<str>, u64, Outgoing)>),
+    Open(ResumeFilter),
 }
 
 struct Queue {
@@ -128,6 +158,8 @@ struct Queue {
     /// When the queue went over capacity under `block`.
     full_since: Option<Instant>,
     gate: Gate,
+    /// Only for sockets that connected with `resume` (boxed: idle sockets pay a pointer).
+    base: Option<Box<BaseGate>>,
 }
 
 /// The part of a socket that the hub and other components touch.
@@ -145,7 +177,7 @@ impl SocketShared {
         Self {
             id,
             policy,
-            queue: Mutex::new(Queue { items: VecDeque::new(), full_since: None, gate: Gate::None }),
+            queue: Mutex::new(Queue { items: VecDeque::new(), full_since: None, gate: Gate::None, base: None }),
             notify: Notify::new(),
             close: AtomicU8::new(0),
             metrics,
@@ -197,6 +229,50 @@ impl SocketShared {
         self.metrics.buffer_used.increment(1.0);
     }
 
+    /// Offers an event of a connect-time subject (chats, an admin's scope)
+    /// through the resume gate, if the socket resumed.
+    fn offer_base(&self, subject: &str, seq: u64, out: Outgoing) {
+        let mut q = self.lock();
+        match q.base.as_deref_mut() {
+            None => {}
+            Some(BaseGate::Holding(held)) => {
+                held.push((subject.into(), seq, out));
+                return;
+            }
+            Some(BaseGate::Open(filter)) if !filter.passes(subject, seq) => return,
+            Some(BaseGate::Open(_)) => {}
+        }
+        self.push_locked(&mut q, out);
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Starts holding live events of the connect-time subjects (a resuming socket).
+    pub fn resume_hold(&self) {
+        self.lock().base = Some(Box::new(BaseGate::Holding(Vec::new())));
+    }
+
+    /// After the replay was sent: queues the held live events that `filter`
+    /// passes, in seq order per subject, and lets later ones through it.
+    pub fn resume_open(&self, filter: ResumeFilter) {
+        let mut q = self.lock();
+        let held = match q.base.take().map(|b| *b) {
+            Some(BaseGate::Holding(held)) => held,
+            _ => Vec::new(),
+        };
+        let mut held = held;
+        held.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        held.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        for (subject, seq, out) in held {
+            if filter.passes(&subject, seq) {
+                self.push_locked(&mut q, out);
+            }
+        }
+        q.base = Some(Box::new(BaseGate::Open(filter)));
+        drop(q);
+        self.notify.notify_one();
+    }
+
     /// Offers an event of the socket's selected chat subject through the gate.
     fn offer_selected(&self, subject: &str, seq: u64, out: Outgoing) {
         let mut q = self.lock();
@@ -206,7 +282,12 @@ impl SocketShared {
                 return;
             }
             Gate::Open { subject: s, min_seq } if &**s == subject && seq <= *min_seq => return,
-            Gate::Open { subject: s, .. } | Gate::Pending { subject: s, .. } if &**s != subject => return,
+            Gate::Resumed { subject: s, after, until } if &**s == subject && *after < seq && seq <= *until => return,
+            Gate::Open { subject: s, .. } | Gate::Pending { subject: s, .. } | Gate::Resumed { subject: s, .. }
+                if &**s != subject =>
+            {
+                return;
+            }
             _ => {}
         }
         self.push_locked(&mut q, out);
@@ -244,6 +325,30 @@ impl SocketShared {
             }
         }
         q.gate = Gate::Open { subject: subject.clone(), min_seq };
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// After a resumed chat's replay was sent: queues the held live events
+    /// outside `after < seq <= until`, in seq order, and opens the gate.
+    pub fn gate_open_resumed(&self, subject: &Arc<str>, after: u64, until: u64) {
+        let mut q = self.lock();
+        let held = match std::mem::replace(&mut q.gate, Gate::None) {
+            Gate::Pending { subject: s, held } if s == *subject => held,
+            other => {
+                q.gate = other;
+                return;
+            }
+        };
+        let mut held = held;
+        held.sort_by_key(|(s, _)| *s);
+        held.dedup_by_key(|(s, _)| *s);
+        for (seq, out) in held {
+            if !(after < seq && seq <= until) {
+                self.push_locked(&mut q, out);
+            }
+        }
+        q.gate = Gate::Resumed { subject: subject.clone(), after, until };
         drop(q);
         self.notify.notify_one();
     }
@@ -302,6 +407,7 @@ impl SocketShared {
         let n = q.items.len();
         q.items.clear();
         q.gate = Gate::None;
+        q.base = None;
         self.metrics.buffer_used.decrement(n as f64);
     }
 }
@@ -382,7 +488,7 @@ impl Hub {
             Subject::Chats { .. } => {
                 if let Some(set) = self.subs.get(subject) {
                     for s in set.values() {
-                        s.offer(frames.outgoing(s, published_unix_nanos));
+                        s.offer_base(subject, seq, frames.outgoing(s, published_unix_nanos));
                     }
                     n += set.len();
                 }
@@ -399,7 +505,7 @@ impl Hub {
                 for key in names::admin_route_keys(company, agent) {
                     if let Some(set) = self.subs.get(key.as_str()) {
                         for s in set.values() {
-                            s.offer(frames.outgoing(s, published_unix_nanos));
+                            s.offer_base(subject, seq, frames.outgoing(s, published_unix_nanos));
                         }
                         n += set.len();
                     }
@@ -507,6 +613,59 @@ mod tests {
         hub.publish(&subject, 10, 0, b"{}").unwrap();
         hub.publish(&subject, 13, 0, b"{}").unwrap();
         assert_eq!(seqs(&s), vec![10, 11, 12, 13]);
+    }
+
+    #[test]
+    fn resume_gate_drops_the_replayed_range_and_passes_late_and_newer_events() {
+        let hub = hub();
+        let s = hub.new_socket(policy(100, DropPolicy::DropOldest));
+        let chats = "websocket.c.a.chats";
+        s.resume_hold();
+        hub.subscribe(chats, &s);
+        // Racing with the replay of (10, 20]: 15 and 20 were replayed, 22 is
+        // newer than the cut, 7 is a late redelivery below the client's
+        // position (nak'ed, overtaken by a later event the client saw).
+        for seq in [22, 15, 7, 20, 22] {
+            hub.publish(chats, seq, 0, b"{}").unwrap();
+        }
+        assert!(!s.has_pending(), "held while the replay is read");
+        s.resume_open(ResumeFilter { positions: protocol::Positions::parse("10").unwrap(), until: 20 });
+        assert_eq!(seqs(&s), vec![7, 22]);
+        for seq in [18, 9, 21] {
+            hub.publish(chats, seq, 0, b"{}").unwrap();
+        }
+        assert_eq!(seqs(&s), vec![9, 21], "after opening, the replayed range stays closed");
+    }
+
+    #[test]
+    fn admin_resume_gate_uses_each_subjects_position() {
+        let hub = hub();
+        let s = hub.new_socket(policy(100, DropPolicy::DropOldest));
+        s.resume_hold();
+        hub.subscribe(&names::admin_route_key(Some("c"), None), &s);
+        let positions = protocol::Positions::parse("10,websocket.c.a1.agents:30").unwrap();
+        s.resume_open(ResumeFilter { positions, until: 40 });
+        hub.publish("websocket.c.a1.agents", 25, 0, b"{}").unwrap(); // below a1's position: passes
+        hub.publish("websocket.c.a1.agents", 35, 0, b"{}").unwrap(); // replayed: dropped
+        hub.publish("websocket.c.a2.agents", 25, 0, b"{}").unwrap(); // replayed for a2: dropped
+        hub.publish("websocket.c.a2.agents", 41, 0, b"{}").unwrap();
+        assert_eq!(seqs(&s), vec![25, 41]);
+    }
+
+    #[test]
+    fn resumed_chat_gate_holds_then_drops_only_the_replayed_range() {
+        let hub = hub();
+        let s = hub.new_socket(policy(100, DropPolicy::DropOldest));
+        let subject: Arc<str> = "websocket.c.a.messages.x".into();
+        s.gate_hold(subject.clone());
+        hub.subscribe(&subject, &s);
+        for seq in [12, 4, 13, 12] {
+            hub.publish(&subject, seq, 0, b"{}").unwrap();
+        }
+        s.gate_open_resumed(&subject, 5, 12);
+        hub.publish(&subject, 6, 0, b"{}").unwrap();
+        hub.publish(&subject, 14, 0, b"{}").unwrap();
+        assert_eq!(seqs(&s), vec![4, 13, 14]);
     }
 
     #[test]

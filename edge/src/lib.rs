@@ -13,6 +13,7 @@ pub mod hub;
 pub mod metrics;
 pub mod presence;
 pub mod protocol;
+pub mod resume;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ pub struct EdgeState {
     pub canary: Arc<canary::Canary>,
     pub metrics: Arc<EdgeMetrics>,
     pub jetstream: async_nats::jetstream::Context,
+    /// Reads replays for resuming sockets (bounded requests in flight).
+    pub replayer: resume::Replayer,
     pub connections: Arc<Semaphore>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
@@ -174,6 +177,7 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         canary: Arc::new(canary::Canary::new(&pod_id)),
         metrics,
         jetstream,
+        replayer: resume::Replayer::default(),
         connections: Arc::new(Semaphore::new(cfg.server.max_connections as usize)),
         shutdown: shutdown.clone(),
         tracker: TaskTracker::new(),

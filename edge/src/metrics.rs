@@ -25,6 +25,8 @@ pub struct EdgeMetrics {
     pub compression_out: Counter,
     /// Socket tasks that ended in a panic (their guard released what they held).
     pub socket_task_panics: Counter,
+    /// Stored events replayed to resuming sockets.
+    pub replayed: Counter,
 }
 
 impl EdgeMetrics {
@@ -48,7 +50,13 @@ impl EdgeMetrics {
             compression_in: counter!("dws_websocket_compression_input_bytes_total"),
             compression_out: counter!("dws_websocket_compression_output_bytes_total"),
             socket_task_panics: counter!("dws_socket_task_panics_total"),
+            replayed: counter!("dws_resume_replayed_events_total"),
         }
+    }
+
+    /// `dws_resumes_total{outcome}`: replayed, retention, limit or unavailable.
+    pub fn resume(&self, outcome: &'static str) {
+        counter!("dws_resumes_total", "outcome" => outcome).increment(1);
     }
 
     /// `dws_auth_failure_total{reason}`.

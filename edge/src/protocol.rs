@@ -1,5 +1,6 @@
 //! The browser protocol: error codes with their close codes, server messages
-//! (`ready`, `event`, `error`, as JSON text) and the client's `select_chat`.
+//! (`ready`, `event`, `gap`, `error`, as JSON text), the client's
+//! `select_chat`, and the `resume` query parameter (docs/PROTOCOL.md).
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -71,6 +72,42 @@ pub fn ready_frame() -> Bytes {
     Bytes::from_static(br#"{"type":"ready"}"#)
 }
 
+/// `{"type":"ready","payload":{"stream_seq":N}}`: the `ready` of a socket
+/// that connected with `resume`. Every stored event of its connect-time
+/// subjects with seq <= N was sent before it (or announced by a `gap`);
+/// later ones arrive live.
+pub fn ready_at_frame(stream_seq: u64) -> Bytes {
+    format!(r#"{{"type":"ready","payload":{{"stream_seq":{stream_seq}}}}}"#).into()
+}
+
+/// Why a `gap` was announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GapReason {
+    /// Part of the history is no longer stored (older than the stream keeps).
+    Retention,
+    /// More events than `app.resume_max_events` would have to be replayed.
+    Limit,
+}
+
+impl GapReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GapReason::Retention => "retention",
+            GapReason::Limit => "limit",
+        }
+    }
+}
+
+/// `{"type":"gap","payload":{"subject","after_seq","until_seq","reason"}}`:
+/// events of `subject` (a subject, or an admin scope's subject filter) with
+/// `after_seq < seq <= until_seq` cannot be replayed; later ones arrive live.
+pub fn gap_frame(subject: &str, after_seq: u64, until_seq: u64, reason: GapReason) -> Bytes {
+    json!({"type": "gap", "payload": {
+        "subject": subject, "after_seq": after_seq, "until_seq": until_seq, "reason": reason.as_str()}})
+    .to_string()
+    .into()
+}
+
 /// `{"type":"event","seq":N,"subject":"…","payload":<payload>}` built once per
 /// event and shared by every socket. `None` when the payload is not valid
 /// JSON (the router terminates such messages; this is the edge's own guard).
@@ -87,7 +124,8 @@ pub fn event_frame(subject: &str, seq: u64, payload: &[u8]) -> Option<Bytes> {
 /// A message from the client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientMessage {
-    SelectChat { chat_id: String },
+    /// `after_seq`: resume the chat after this seq instead of sending its latest message.
+    SelectChat { chat_id: String, after_seq: Option<u64> },
 }
 
 /// Why a client message was refused (the socket stays open).
@@ -116,10 +154,77 @@ pub fn parse_client(text: &str) -> Result<ClientMessage, BadRequest> {
             if !daisi_common::names::valid_id(chat_id) {
                 return Err(BadRequest("chat_id must be 1-128 characters of [A-Za-z0-9_-]".into()));
             }
-            Ok(ClientMessage::SelectChat { chat_id: chat_id.to_string() })
+            let after_seq = match env.payload.as_ref().and_then(|p| p.get("after_seq")) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(
+                    v.as_u64()
+                        .ok_or_else(|| BadRequest("select_chat payload.after_seq must be a sequence number".into()))?,
+                ),
+            };
+            Ok(ClientMessage::SelectChat { chat_id: chat_id.to_string(), after_seq })
         }
         other => Err(BadRequest(format!("unknown message type `{}`", other.chars().take(64).collect::<String>()))),
     }
+}
+
+/// Most positions one `resume` parameter may carry.
+pub const MAX_RESUME_POSITIONS: usize = 1024;
+
+/// The `resume` query parameter: where a reconnecting client stands. A bare
+/// number is the position of every connect-time subject the client names no
+/// position for; `subject:seq` is one subject's position. `resume=` (empty)
+/// opts into the resume protocol with nothing to replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Positions {
+    pub default: Option<u64>,
+    pub subjects: Vec<(String, u64)>,
+}
+
+impl Positions {
+    /// The client's position for `subject`, if it gave one.
+    pub fn after(&self, subject: &str) -> Option<u64> {
+        self.subjects.iter().find(|(s, _)| s == subject).map(|(_, seq)| *seq).or(self.default)
+    }
+
+    /// The lowest position given.
+    pub fn min(&self) -> Option<u64> {
+        self.subjects.iter().map(|(_, seq)| *seq).chain(self.default).min()
+    }
+
+    /// Parses `N,subject:N,…`.
+    pub fn parse(raw: &str) -> Result<Self, BadRequest> {
+        let mut out = Positions::default();
+        for item in raw.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            if out.subjects.len() + usize::from(out.default.is_some()) >= MAX_RESUME_POSITIONS {
+                return Err(BadRequest(format!("resume carries more than {MAX_RESUME_POSITIONS} positions")));
+            }
+            let seq = |s: &str| {
+                s.parse::<u64>()
+                    .map_err(|_| BadRequest(format!("resume position `{}` is not a sequence number", clip(s))))
+            };
+            match item.rsplit_once(':') {
+                None if out.default.is_some() => return Err(BadRequest("resume has two default positions".into())),
+                None => out.default = Some(seq(item)?),
+                Some((subject, n)) => {
+                    if daisi_common::names::Subject::parse(subject).is_none() {
+                        return Err(BadRequest(format!(
+                            "resume names `{}`, which is not an event subject",
+                            clip(subject)
+                        )));
+                    }
+                    if out.subjects.iter().any(|(s, _)| s == subject) {
+                        return Err(BadRequest(format!("resume names `{}` twice", clip(subject))));
+                    }
+                    out.subjects.push((subject.to_string(), seq(n)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
 }
 
 #[cfg(test)]
@@ -139,7 +244,11 @@ mod tests {
     fn client_messages() {
         assert_eq!(
             parse_client(r#"{"type":"select_chat","payload":{"chat_id":"c-1"}}"#),
-            Ok(ClientMessage::SelectChat { chat_id: "c-1".into() })
+            Ok(ClientMessage::SelectChat { chat_id: "c-1".into(), after_seq: None })
+        );
+        assert_eq!(
+            parse_client(r#"{"type":"select_chat","payload":{"chat_id":"c-1","after_seq":42}}"#),
+            Ok(ClientMessage::SelectChat { chat_id: "c-1".into(), after_seq: Some(42) })
         );
         for bad in [
             "nope",
@@ -148,8 +257,40 @@ mod tests {
             r#"{"type":"select_chat","payload":{"chat_id":5}}"#,
             r#"{"type":"dance"}"#,
             r#"{"payload":{}}"#,
+            r#"{"type":"select_chat","payload":{"chat_id":"x","after_seq":-1}}"#,
+            r#"{"type":"select_chat","payload":{"chat_id":"x","after_seq":"5"}}"#,
         ] {
             assert!(parse_client(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn resume_positions() {
+        assert_eq!(Positions::parse("").unwrap(), Positions::default());
+        let p = Positions::parse("17,websocket.c.a.agents:30, websocket.c.b.agents:5").unwrap();
+        assert_eq!(p.default, Some(17));
+        assert_eq!(p.after("websocket.c.a.agents"), Some(30));
+        assert_eq!(p.after("websocket.c.z.agents"), Some(17));
+        assert_eq!(p.min(), Some(5));
+        let only = Positions::parse("websocket.c.a.chats:9").unwrap();
+        assert_eq!((only.after("websocket.c.a.chats"), only.after("websocket.c.b.chats")), (Some(9), None));
+        for bad in ["x", "1,2", "websocket.c.a.chats:x", "nope:1", "websocket.c.a.chats:1,websocket.c.a.chats:2", "-1"]
+        {
+            assert!(Positions::parse(bad).is_err(), "{bad}");
+        }
+        let many = (0..MAX_RESUME_POSITIONS + 1).map(|i| format!("websocket.c.a{i}.agents:1")).collect::<Vec<_>>();
+        assert!(Positions::parse(&many.join(",")).is_err());
+    }
+
+    #[test]
+    fn ready_and_gap_frames() {
+        let v: serde_json::Value = serde_json::from_slice(&ready_at_frame(12)).unwrap();
+        assert_eq!(v, json!({"type": "ready", "payload": {"stream_seq": 12}}));
+        let g: serde_json::Value =
+            serde_json::from_slice(&gap_frame("websocket.c.a.chats", 3, 9, GapReason::Limit)).unwrap();
+        assert_eq!(
+            g,
+            json!({"type": "gap", "payload": {"subject": "websocket.c.a.chats", "after_seq": 3, "until_seq": 9, "reason": "limit"}})
+        );
     }
 }

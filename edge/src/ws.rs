@@ -33,7 +33,7 @@ use bytes::Bytes;
 use daisi_common::names;
 use daisi_common::token::{AdminClaims, TokenError, UserClaims};
 use futures_util::future::poll_fn;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tracing::Instrument;
 
 use crate::EdgeState;
@@ -91,6 +91,8 @@ struct ConnectRequest {
     target: Target,
     api_key: Option<String>,
     token: Option<String>,
+    /// The `resume` query parameter, raw (see `protocol::Positions`).
+    resume: Option<String>,
     bad_query: bool,
 }
 
@@ -126,6 +128,7 @@ fn handshake(state: Arc<EdgeState>, target: Target, query: Query_, headers: Head
         target,
         api_key: header_key.or_else(|| params.get("x-api-key").cloned()),
         token: params.get("token").cloned(),
+        resume: params.get("resume").cloned(),
         bad_query,
     };
     let tracker = state.tracker.clone();
@@ -155,6 +158,18 @@ impl Identity {
         match self {
             Identity::User(c) => names::user_session_key(&c.company_id, &c.agent_id, &c.user_id),
             Identity::Admin(c) => names::admin_session_key(&c.admin_id),
+        }
+    }
+
+    /// The NATS subject filter of what this socket receives from `ready` on:
+    /// the chats subject, or the admin scope's `websocket.{c|*}.{a|*}.agents`.
+    fn base_filter(&self) -> String {
+        match self {
+            Identity::User(c) => names::chats_subject(&c.company_id, &c.agent_id),
+            Identity::Admin(c) => {
+                let (company, agent) = c.scope();
+                names::agents_subject(company.unwrap_or("*"), agent.unwrap_or("*"))
+            }
         }
     }
 
@@ -275,6 +290,15 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
         Ok(i) => i,
         Err((code, message)) => return Box::pin(reject(socket, code, message)).await,
     };
+    // A resume naming a subject this socket may not read: 4400 and nothing else.
+    let resume = match req.resume.as_deref().map(protocol::Positions::parse) {
+        None => None,
+        Some(Err(protocol::BadRequest(m))) => return Box::pin(reject(socket, ErrorCode::BadRequest, &m)).await,
+        Some(Ok(p)) => match crate::resume::check_scope(&p, &identity.base_filter()) {
+            Ok(()) => Some(p),
+            Err(m) => return Box::pin(reject(socket, ErrorCode::BadRequest, &m)).await,
+        },
+    };
     // Capacity is taken once the client proved who it is: unauthenticated
     // sockets never use up the edge's permits.
     let permit = if state.shutdown.is_cancelled() { None } else { state.connections.clone().try_acquire_owned().ok() };
@@ -335,6 +359,9 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
         };
         // From here on the guard releases everything, whatever ends the task.
         let (hub_key, route_key) = identity.base_subscription();
+        if resume.is_some() {
+            shared.resume_hold();
+        }
         state.hub.subscribe(&hub_key, &shared);
         let mut held = Held {
             state: state.clone(),
@@ -365,11 +392,15 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
             bucket: Bucket::new(cfg.app.client_max_messages_per_second, cfg.app.client_burst),
             last_activity,
         };
+        let subscribed = Instant::now();
+        let filter = conn.identity.base_filter();
         let Socket { reader: mut rx, writer: mut tx, .. } = socket;
-        let ready = conn.text(&protocol::ready_frame());
-        let end = match tx.push_urgent(ready) {
-            Ok(()) => conn.run(&mut tx, &mut rx, &cfg).await,
-            Err(_) => End::Gone,
+        let end = match Box::pin(conn.hello(&filter, resume.as_ref(), subscribed)).await {
+            Ok(frames) => match send_all(&mut tx, frames, &cfg).await {
+                Ok(()) => conn.run(&mut tx, &mut rx, &cfg).await,
+                Err(end) => end,
+            },
+            Err(end) => end,
         };
         // Release first (so a takeover's new socket can acquire), then close.
         let Conn { held, .. } = conn;
@@ -439,6 +470,22 @@ impl Drop for Held {
                 rt.spawn(async move { presence.release(&key, &owner).await });
             }
         }
+    }
+}
+
+/// Writes frames that must go out before anything queued (a replay, then
+/// `ready`), bounded by `pong_wait_seconds` for a peer that does not read.
+async fn send_all(tx: &mut Tx, frames: Vec<Bytes>, cfg: &daisi_common::Config) -> Result<(), End> {
+    let write = async {
+        for f in frames {
+            tx.feed(f).await?;
+        }
+        tx.flush().await
+    };
+    match tokio::time::timeout(Duration::from_secs(cfg.app.pong_wait_seconds), write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(End::Gone),
+        Err(_) => Err(End::unresponsive(close::TRY_AGAIN_LATER, "too slow")),
     }
 }
 
@@ -717,11 +764,23 @@ impl Conn {
             None => Err("binary frames are not accepted".to_string()),
             Some(text) => match protocol::parse_client(text) {
                 Err(protocol::BadRequest(m)) => Err(m),
-                Ok(ClientMessage::SelectChat { chat_id }) => match &self.identity {
+                Ok(ClientMessage::SelectChat { chat_id, after_seq }) => match &self.identity {
                     Identity::User(claims) => {
                         let claims = claims.clone();
-                        Box::pin(self.select_chat(&claims, &chat_id)).await;
-                        Ok(())
+                        match after_seq {
+                            None => {
+                                Box::pin(self.select_chat(&claims, &chat_id)).await;
+                                Ok(())
+                            }
+                            Some(after) => {
+                                let frames = match Box::pin(self.resume_chat(&claims, &chat_id, after)).await {
+                                    Ok(frames) => frames,
+                                    Err(end) => return Some(end),
+                                };
+                                let cfg = self.state().cfg();
+                                return send_all(tx, frames, &cfg).await.err();
+                            }
+                        }
                     }
                     Identity::Admin(_) => Err("select_chat is for user sockets".to_string()),
                 },
@@ -736,9 +795,9 @@ impl Conn {
         }
     }
 
-    /// Switches the selected chat: hold live events, register the route, send
-    /// the latest stored message, then the held events newer than it.
-    async fn select_chat(&mut self, claims: &UserClaims, chat_id: &str) {
+    /// Holds live events of a newly selected chat and subscribes it (the
+    /// route is registered, or retried by the refresh loop).
+    async fn subscribe_chat(&mut self, claims: &UserClaims, chat_id: &str) -> Arc<str> {
         let subject: Arc<str> = names::messages_subject(&claims.company_id, &claims.agent_id, chat_id).into();
         let route = names::messages_route_key(&claims.company_id, &claims.agent_id, chat_id);
         let state = self.held.state.clone();
@@ -759,6 +818,74 @@ impl Conn {
                 state.presence.remove_route(&old_route);
             }
         }
+        subject
+    }
+
+    /// `select_chat` with `after_seq`: selects the chat, then replays its
+    /// stored events after `after` (or a gap) before live ones.
+    async fn resume_chat(&mut self, claims: &UserClaims, chat_id: &str, after: u64) -> Result<Vec<Bytes>, End> {
+        let subject = self.subscribe_chat(claims, chat_id).await;
+        let subscribed = Instant::now();
+        let positions = protocol::Positions { default: Some(after), subjects: Vec::new() };
+        let replay = self.replay(&subject, &positions, subscribed).await?;
+        let frames = replay.messages(&subject, &positions).iter().map(|m| self.text(m)).collect();
+        self.shared().gate_open_resumed(&subject, after, replay.until);
+        Ok(frames)
+    }
+
+    /// Reads a replay; a JetStream that cannot be read closes with 1013 (the
+    /// client retries and resumes, nothing is skipped).
+    async fn replay(
+        &self,
+        filter: &str,
+        positions: &protocol::Positions,
+        subscribed: Instant,
+    ) -> Result<crate::resume::Replay, End> {
+        let state = self.state();
+        let cfg = state.cfg();
+        let replay = state
+            .replayer
+            .replay(&state.jetstream, &cfg.nats.stream_name, filter, positions, subscribed, cfg.app.resume_max_events)
+            .await;
+        match replay {
+            Ok(r) => {
+                state.metrics.resume(r.gap.map_or("replayed", |g| g.as_str()));
+                state.metrics.replayed.increment(r.events.len() as u64);
+                Ok(r)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "resume unavailable; client retries");
+                state.metrics.resume("unavailable");
+                Err(End::code(close::TRY_AGAIN_LATER, "history unavailable"))
+            }
+        }
+    }
+
+    /// The first frames: `ready`, or for a resuming socket the replay of its
+    /// connect-time subjects (or a gap), then `ready` with the cut. Opens
+    /// the resume gate.
+    async fn hello(
+        &self,
+        filter: &str,
+        resume: Option<&protocol::Positions>,
+        subscribed: Instant,
+    ) -> Result<Vec<Bytes>, End> {
+        let Some(positions) = resume else {
+            return Ok(vec![self.text(&protocol::ready_frame())]);
+        };
+        let replay = self.replay(filter, positions, subscribed).await?;
+        let mut frames: Vec<Bytes> = replay.messages(filter, positions).iter().map(|m| self.text(m)).collect();
+        frames.push(self.text(&protocol::ready_at_frame(replay.until)));
+        self.shared().resume_open(crate::hub::ResumeFilter { positions: positions.clone(), until: replay.until });
+        Ok(frames)
+    }
+
+    /// Switches the selected chat: hold live events, register the route, send
+    /// the latest stored message, then the held events newer than it.
+    async fn select_chat(&mut self, claims: &UserClaims, chat_id: &str) {
+        let subject = self.subscribe_chat(claims, chat_id).await;
+        let state = self.held.state.clone();
+        let shared = self.held.shared.clone();
         let stream = state.cfg().nats.stream_name.clone();
         let latest = match crate::catchup::latest(&state.jetstream, &stream, &subject).await {
             Ok(latest) => latest,

@@ -21,7 +21,7 @@ use crate::metrics::RouterMetrics;
 
 /// How long a resolution is reused without asking Redis again. Edges
 /// announce every change, so this only bounds the damage of a missed announcement.
-pub const CACHE_TTL: Duration = Duration::from_millis(500);
+pub const CACHE_TTL: Duration = names::ROUTE_CACHE_TTL;
 
 /// Slack added to one refresh interval before a freshly marked registry
 /// counts as complete (every edge re-asserts within one interval).
