@@ -85,6 +85,8 @@ export interface DaisiClientEvents {
 export declare class DaisiClient {
   constructor(options: DaisiClientOptions);
   readonly state: State;
+  /** The negotiated WebSocket extensions of the current socket (e.g. permessage-deflate). */
+  readonly extensions: string;
   readonly stats: { events: number; replayed: number; duplicates: number; gaps: number; connects: number };
   on<K extends keyof DaisiClientEvents>(type: K, listener: (detail: DaisiClientEvents[K]) => void): () => void;
   off<K extends keyof DaisiClientEvents>(type: K, listener: (detail: DaisiClientEvents[K]) => void): void;

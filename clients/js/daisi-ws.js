@@ -84,6 +84,8 @@ export class DaisiClient {
     this.token = null;
     this.refreshed = false;
     this.selected = null;
+    /** The negotiated WebSocket extensions of the current socket. */
+    this.extensions = "";
     /** subject → highest seq received */
     this.positions = new Map();
     /** the last `stream_seq` of `ready`: the position of connect-time subjects not in `positions` */
@@ -214,7 +216,9 @@ export class DaisiClient {
     let lastError = null;
     let ready = false;
     ws.onopen = () => {
-      if (this.ws === ws && this.options.resume) this.setState("resuming");
+      if (this.ws !== ws) return;
+      this.extensions = ws.extensions || "";
+      if (this.options.resume) this.setState("resuming");
     };
     ws.onmessage = (m) => {
       if (this.ws !== ws) return;

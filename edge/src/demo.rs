@@ -2,10 +2,11 @@
 //! build step, compiled into the binary. Served only when
 //! `server.demo_enabled` is true (off by default; the dev stack turns it on).
 //!
-//! The page takes `company`, `agent`, `user`, `token` and `key` from the URL
-//! fragment (or the query string) and connects to `/ws/{company}/{agent}` on
-//! the same origin. The response forbids caching and referrers, since the URL
-//! may carry a token.
+//! The page takes `company`, `agent`, `user`, `token`, `key` and optionally
+//! `edges` (WebSocket base URLs to rotate through) from the URL fragment (or
+//! the query string) and connects to `/ws/{company}/{agent}` through the
+//! JavaScript client of `clients/js/`, served at `/demo/daisi-ws.js`. The
+//! response forbids caching and referrers, since the URL may carry a token.
 
 use std::sync::Arc;
 
@@ -19,15 +20,33 @@ use crate::EdgeState;
 /// The page, as shipped in `edge/assets/demo.html`.
 pub const PAGE: &str = include_str!("../assets/demo.html");
 
-/// `Content-Security-Policy` of the page: its own inline script and style,
-/// WebSockets, nothing else.
-pub const CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+/// The JavaScript client the page imports (`clients/js/daisi-ws.js`).
+pub const CLIENT: &str = include_str!("../../clients/js/daisi-ws.js");
+
+/// `Content-Security-Policy` of the page: its own inline script, the client
+/// module from this origin, inline style, WebSockets, nothing else.
+pub const CSP: &str = "default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'unsafe-inline'; \
                        connect-src 'self' ws: wss:; img-src data:; base-uri 'none'; form-action 'none'; \
                        frame-ancestors 'none'";
 
 /// The `/demo` route when `enabled`, else no route at all (404).
 pub fn router(enabled: bool) -> Router<Arc<EdgeState>> {
-    if enabled { Router::new().route("/demo", get(page)) } else { Router::new() }
+    if enabled {
+        Router::new().route("/demo", get(page)).route("/demo/daisi-ws.js", get(client))
+    } else {
+        Router::new()
+    }
+}
+
+async fn client() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        CLIENT,
+    )
 }
 
 async fn page() -> impl IntoResponse {
@@ -58,6 +77,8 @@ mod tests {
     fn page_is_self_contained() {
         assert!(PAGE.starts_with("<!doctype html>"));
         assert!(!PAGE.contains("<script src"), "no external scripts");
+        assert!(PAGE.contains(r#"import { DaisiClient } from "/demo/daisi-ws.js""#), "the page uses the JS client");
+        assert!(CLIENT.contains("export class DaisiClient"));
         for code in ["4401", "4402", "4403"] {
             assert!(PAGE.contains(code), "the page explains close code {code}");
         }

@@ -62,7 +62,7 @@ impl Replay {
     /// The messages to send: the events (as event frames), or the gap.
     pub fn messages(&self, filter: &str, positions: &Positions) -> Vec<Bytes> {
         if let Some(reason) = self.gap {
-            return vec![protocol::gap_frame(filter, positions.min().unwrap_or(0), self.until, reason)];
+            return vec![protocol::gap_frame(filter, start_of(filter, positions).unwrap_or(0), self.until, reason)];
         }
         self.events.iter().filter_map(|e| protocol::event_frame(&e.subject, e.seq, &e.payload)).collect()
     }
@@ -79,6 +79,12 @@ impl Default for Replayer {
     fn default() -> Self {
         Self { requests: Semaphore::new(MAX_REQUESTS_IN_FLIGHT), snapshot: Mutex::new(None) }
     }
+}
+
+/// Where the replay of `filter` starts: the position of that subject, or for
+/// a wildcard filter (an admin scope) the lowest position given.
+fn start_of(filter: &str, positions: &Positions) -> Option<u64> {
+    if filter.split('.').any(|t| t == "*") { positions.min() } else { positions.after(filter) }
 }
 
 /// Whether `subject` matches the NATS subject `filter` (`*` = one token).
@@ -155,7 +161,7 @@ impl Replayer {
         let settled = subscribed + names::ROUTE_CACHE_TTL;
         tokio::time::sleep_until(settled.into()).await;
         let until = self.snapshot(js, stream, settled).await.map_err(err)?.last_seq;
-        let Some(start) = positions.min() else {
+        let Some(start) = start_of(filter, positions) else {
             return Ok(Replay { until, events: Vec::new(), gap: None });
         };
         if start > until {

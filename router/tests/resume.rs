@@ -90,6 +90,12 @@ async fn resume_replays_what_was_published_while_disconnected_in_order_once() {
     assert_eq!(c.event(WAIT).await["seq"], next);
     c.expect_silence(Duration::from_millis(300)).await;
 
+    // A per-subject position above the default wins for that subject.
+    c.close().await;
+    let r = resume_url(&url, &format!("{floor},{chats}:{live}")).await;
+    assert_eq!(seqs(&r.before_ready), missed.iter().copied().chain([next]).collect::<Vec<_>>());
+    let mut c = r.client;
+
     // A subject never seen on this socket resumes from the floor `ready` gave.
     c.close().await;
     let quiet = names::chats_subject("c1", "a1");
@@ -210,7 +216,8 @@ async fn more_than_resume_max_events_is_a_limit_gap_then_live() {
     for n in 1..=6 {
         last = publish_json(&js, &chats, &json!({"n": n})).await;
     }
-    let r = resume_url(&url, &position.to_string()).await;
+    // The subject's own position (not the lower default) is where the gap starts.
+    let r = resume_url(&url, &format!("1,{chats}:{position}")).await;
     assert_eq!(r.before_ready.len(), 1, "only the gap: {:?}", r.before_ready);
     let gap = &r.before_ready[0];
     assert_eq!(gap["type"], "gap");
