@@ -71,4 +71,11 @@ trap - EXIT
 if [ "$rc" -ne 0 ]; then
   echo "browser-test: failed; dev stack output in $stack_log" >&2
 fi
+# The JS client's resume tests start a stack of their own (they kill and
+# restart edges), from the binaries built above.
+set +e
+ARTIFACTS_DIR="$PWD/artifacts" DAISI_BIN_DIR="$CARGO_TARGET_DIR/debug" "$NODE" browser-test/resume.test.mjs
+rc2=$?
+set -e
+[ "$rc" -ne 0 ] || rc=$rc2
 exit "$rc"

@@ -359,3 +359,39 @@ async fn resuming_a_subject_the_socket_may_not_read_is_4400_and_nothing_else() {
     let ok = resume_url(&url, "0").await;
     assert!(ok.before_ready.iter().all(|e| e["subject"] != other.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_unreadable_closes_with_1013_then_the_same_resume_replays_everything() {
+    let mut env = Env::start();
+    let _router = env.router().await;
+    let edge = env.edge().await;
+    env.wait_registry_complete().await;
+    let js = env.js().await;
+    let chats = names::chats_subject("c1", "a1");
+    let url = user_url(edge.edge(), "c1", "a1", "u1");
+    let position = publish_json(&js, &chats, &json!({"n": 0})).await;
+    let mut missed = Vec::new();
+    for n in 1..=3 {
+        missed.push(publish_json(&js, &chats, &json!({"n": n})).await);
+    }
+    // JetStream down: the edge cannot read the history, so it says "try
+    // again later" (1013) instead of sending `ready` with a silent gap.
+    env.nats.stop();
+    let mut c = WsClient::connect(&format!("{url}&resume={position}")).await;
+    c.expect_close(1013).await;
+    env.nats.restart();
+    // The same positions later: everything, in order, once.
+    let r = eventually(WAIT, "resume after NATS is back", || async {
+        let mut c = WsClient::connect(&format!("{url}&resume={position}")).await;
+        let mut before_ready = Vec::new();
+        loop {
+            match c.next(WAIT).await {
+                daisi_testkit::ws::Seen::Json(v) if v["type"] == "ready" => return Some(before_ready),
+                daisi_testkit::ws::Seen::Json(v) => before_ready.push(v),
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(seqs(&r), missed);
+}
