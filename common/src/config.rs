@@ -87,6 +87,12 @@ pub struct ServerConfig {
     pub grpc_tls_key_file: String,
     /// PEM CA that router client certificates must chain to; set = mutual TLS.
     pub grpc_tls_client_ca_file: String,
+    /// Time a client has to send a request's headers (also how long an idle
+    /// keep-alive connection waits for its next request), in milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// Most HTTP connections not yet upgraded to WebSockets (handshakes in
+    /// progress, token and health requests); more are closed at once.
+    pub max_pending_connections: u32,
 }
 
 impl Default for ServerConfig {
@@ -107,6 +113,8 @@ impl Default for ServerConfig {
             grpc_tls_cert_file: String::new(),
             grpc_tls_key_file: String::new(),
             grpc_tls_client_ca_file: String::new(),
+            header_read_timeout_ms: 10_000,
+            max_pending_connections: 10_000,
         }
     }
 }
@@ -572,6 +580,8 @@ impl Config {
             ("app.resume_max_events", a.resume_max_events),
             ("auth.token_cache_max_entries", self.auth.token_cache_max_entries),
             ("server.canary_interval_seconds", self.server.canary_interval_seconds),
+            ("server.header_read_timeout_ms", self.server.header_read_timeout_ms),
+            ("server.max_pending_connections", u64::from(self.server.max_pending_connections)),
             ("router.max_in_flight", u64::from(self.router.max_in_flight)),
             ("router.edge_ack_timeout_ms", self.router.edge_ack_timeout_ms),
             ("router.pull_batch_size", u64::from(self.router.pull_batch_size)),

@@ -213,20 +213,7 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         }),
     ];
     let app = http::router(state.clone()).merge(health::router(checks));
-    let http_task = {
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            use axum::serve::ListenerExt;
-            // TCP_NODELAY on every socket: events are small and latency-bound.
-            let listener = http_listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let serve = axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        })
-    };
+    let http_task = tokio::spawn(serve_http(http_listener, app, cfg.server.clone(), state.clone(), shutdown.clone()));
     let grpc_tls = if cfg.server.grpc_tls_cert_file.is_empty() {
         None
     } else {
@@ -252,6 +239,63 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         })
     };
     Ok(Edge { http_addr, grpc_addr, pod_id, state, done })
+}
+
+/// Serves HTTP/1.1 until `stop`. Each connection has
+/// `server.header_read_timeout_ms` to send a request's headers (and an idle
+/// keep-alive connection as long for its next request), and at most
+/// `server.max_pending_connections` may be open before they upgrade to
+/// WebSockets; more are closed at once. Upgraded sockets no longer count
+/// (their limit is `server.max_connections`, taken after authentication).
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    cfg: daisi_common::config::ServerConfig,
+    state: Arc<EdgeState>,
+    stop: CancellationToken,
+) {
+    let pending = Arc::new(Semaphore::new(cfg.max_pending_connections as usize));
+    let header_timeout = Duration::from_millis(cfg.header_read_timeout_ms);
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            state.metrics.refused_pending.increment(1);
+            drop(tcp);
+            continue;
+        };
+        // TCP_NODELAY on every socket: events are small and latency-bound.
+        let _ = tcp.set_nodelay(true);
+        let service = service.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+            let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tcp), service).with_upgrades();
+            tokio::pin!(conn);
+            // Ends when the client goes, the headers time out, or the
+            // connection is handed over to a WebSocket.
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(header_timeout, conn).await;
+                }
+            }
+        });
+    }
 }
 
 /// Graceful drain: sockets are closed with 1001 (each socket's task sees the

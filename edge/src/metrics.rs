@@ -14,6 +14,8 @@ pub struct EdgeMetrics {
     pub dropped: Counter,
     pub delivery_latency: Histogram,
     pub refused_full: Counter,
+    /// Connections closed at accept: too many not yet upgraded.
+    pub refused_pending: Counter,
     pub closed_slow: Counter,
     /// Sockets that negotiated permessage-deflate.
     pub deflate_sockets: Counter,
@@ -44,6 +46,7 @@ impl EdgeMetrics {
             dropped: counter!("dws_websocket_messages_dropped_total"),
             delivery_latency: histogram!("dws_delivery_latency_seconds"),
             refused_full: counter!("dws_connections_refused_total", "reason" => "edge_full"),
+            refused_pending: counter!("dws_connections_refused_total", "reason" => "pending_limit"),
             closed_slow: counter!("dws_connections_closed_slow_total"),
             deflate_sockets: counter!("dws_websocket_deflate_connections_total"),
             compressed_frames: counter!("dws_websocket_compressed_frames_total"),

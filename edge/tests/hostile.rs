@@ -338,3 +338,92 @@ async fn handshake_version_key_and_window_bits() {
     .await;
     assert!(head.starts_with("http/1.1 101") && !head.contains("server_max_window_bits"), "{head}");
 }
+
+/// Whether the server closed `stream` (EOF or reset) within `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut chunk = [0u8; 256];
+    loop {
+        match tokio::time::timeout(within, stream.read(&mut chunk)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            // A response (a 408, say) may come before the close.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn slowloris_connections_are_closed_after_the_header_timeout_while_clients_still_connect() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.server.header_read_timeout_ms = 1500;
+    let edge = RunningEdge::start(cfg).await;
+    // 1,000 connections that each send one byte of a request line and stall.
+    let mut slow = Vec::new();
+    for _ in 0..1000 {
+        let mut c = TcpStream::connect(edge.addr()).await.unwrap();
+        c.write_all(b"G").await.unwrap();
+        slow.push(c);
+    }
+    // A normal client still gets in meanwhile.
+    let mut c = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    c.expect_ready().await;
+    // Every stalled connection is closed once its headers time out.
+    for (i, conn) in slow.iter_mut().enumerate() {
+        assert!(closed_within(conn, T).await, "slow connection {i} still open");
+    }
+    // The WebSocket, idle for longer than the header timeout, is untouched.
+    c.send_text(r#"{"type":"select_chat","payload":{"chat_id":"x"}}"#).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(edge.publish("websocket.c1.a1.chats", 1, "{}"), 1);
+    assert_eq!(c.event(T).await["seq"], 1);
+}
+
+#[tokio::test]
+async fn connections_not_yet_upgraded_are_limited_and_upgraded_ones_are_not() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.server.max_pending_connections = 3;
+    cfg.server.header_read_timeout_ms = 60_000;
+    let edge = RunningEdge::start(cfg).await;
+    // Upgraded sockets leave the pending count: more than 3 can be open.
+    let mut sockets = Vec::new();
+    for i in 0..5 {
+        let mut c = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", &format!("u{i}"), 60))).await;
+        c.expect_ready().await;
+        sockets.push(c);
+    }
+    // Three idle connections fill the pending slots; the fourth is closed at once.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(edge.addr()).await.unwrap());
+    }
+    // Let the edge accept them before the next one.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = TcpStream::connect(edge.addr()).await.unwrap();
+    assert!(closed_within(&mut extra, T).await, "a connection over the pending limit is closed");
+    // Once they go, new connections are served again (and the refusal was counted).
+    drop(idle);
+    eventually(T, "served again", || async {
+        let (status, _) = support::http(edge.addr(), "GET", "/health", &[], "").await;
+        (status == 200).then_some(())
+    })
+    .await;
+    let text = edge.metrics().await;
+    assert!(metric(&text, "dws_connections_refused_total{reason=\"pending_limit\"}") >= 1.0);
+}
+
+#[tokio::test]
+async fn a_full_edge_still_authenticates_first() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.server.max_connections = 1;
+    let edge = RunningEdge::start(cfg).await;
+    let mut first = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
+    first.expect_ready().await;
+    // A bad token learns it is a bad token (4403), not that the edge is full.
+    let mut bad = WsClient::connect(&edge.user_url("c1", "a1", "not-a-token")).await;
+    bad.expect_error_then_close("InvalidToken", 4403).await;
+    let mut second = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u2", 60))).await;
+    assert_eq!(second.next(T).await, Seen::Closed(Some(1013)));
+}
