@@ -16,13 +16,16 @@ use crate::wire::Protocol;
 pub const USAGE: &str = "\
 daisi-loadtest: load and latency harness for Daisi WS
 
-USAGE: daisi-loadtest <idle|fanout|routed|migration> [OPTIONS]
+USAGE: daisi-loadtest <idle|fanout|routed|migration|resume> [OPTIONS]
 
 Scenarios
   idle       --sockets N (1000) --hold SECS (15) --agents N (100)
   fanout     --sockets N (100) --subjects N (4) --rate EV/S (1000) --duration SECS (10)
   routed     --users N (2000) --agents N (50) --rate EV/S (5000) --duration SECS (10)
   migration  --users N (500) --rounds N (3) --concurrency N (32, per worker)
+  resume     --sockets N (9500) --agents N (50) --rate EV/S (200) --duration SECS (12)
+             --kill-after SECS (4) [--plain]: all on edge A, A killed (SIGKILL), clients
+             reconnect to edge B with resume (or plainly); needs --stack-edges 2
 
 Target (default: start a stack from the built binaries)
   --edges HOST:PORT,...     use a running stack: its edges ...
@@ -63,8 +66,9 @@ pub struct Args {
     flags: Vec<String>,
 }
 
-const FLAGS: [&str; 4] = ["keep-logs", "no-progress", "help", "offer-deflate"];
-const KEYS: [&str; 33] = [
+const FLAGS: [&str; 5] = ["keep-logs", "no-progress", "help", "offer-deflate", "plain"];
+const KEYS: [&str; 34] = [
+    "kill-after",
     "sockets",
     "hold",
     "agents",
@@ -244,6 +248,17 @@ pub async fn run_scenario(a: &Args, c: &Common, target: &Target) -> anyhow::Resu
             };
             scenario::migration(c, target, &o).await
         }
+        "resume" => {
+            let o = scenario::ResumeOptions {
+                sockets: a.num("sockets", 9500)?,
+                agents: a.num("agents", 50)?,
+                rate: a.num("rate", 200.0)?,
+                duration: a.secs("duration", 12.0)?,
+                kill_after: a.secs("kill-after", 4.0)?,
+                resume: !a.flag("plain"),
+            };
+            scenario::resume(c, target, &o).await
+        }
         other => bail!("unknown scenario `{other}`\n\n{USAGE}"),
     }
 }
@@ -262,7 +277,7 @@ async fn run(a: Args) -> anyhow::Result<RunReport> {
         Some("nats-ws") => bail!("--peer nats-ws is for the idle and fanout scenarios"),
         Some(p) => bail!("unknown peer `{p}` (only nats-ws)"),
     };
-    if !matches!(a.scenario.as_str(), "idle" | "fanout" | "routed" | "migration") {
+    if !matches!(a.scenario.as_str(), "idle" | "fanout" | "routed" | "migration" | "resume") {
         bail!("unknown scenario `{}`\n\n{USAGE}", a.scenario);
     }
 
@@ -296,6 +311,10 @@ async fn run(a: Args) -> anyhow::Result<RunReport> {
                 eprintln!("stack logs in {}", stack.dir.path().display());
             }
             let r = run_scenario(&a, &c, &stack.target).await;
+            if a.scenario == "resume" {
+                // The scenario killed the first edge on purpose.
+                stack.edges.remove(0);
+            }
             let alive = stack.check_alive();
             if a.flag("keep-logs") {
                 let _ = stack.dir.keep();

@@ -82,6 +82,12 @@ pub struct ScenarioReport {
     pub cpu: Option<CpuReport>,
     /// The edges' own view of the measured phase (daisi only).
     pub edge_side: Option<EdgeSide>,
+    /// `resume`: sockets that got `ready` again after their edge was killed,
+    /// and the seconds from the kill until the last of them did.
+    #[serde(default)]
+    pub reconnected: u64,
+    #[serde(default)]
+    pub resumed_secs: Option<f64>,
     /// CPU time per unit of work of each server-side process: per socket
     /// connected (idle), per delivery (fanout, routed; the edges and the
     /// peer) or per event (router, nats, redis), per takeover (migration).
@@ -285,6 +291,9 @@ pub fn table(r: &ScenarioReport) -> String {
         ));
     }
     rows.push(("closed while held", r.closed_while_held.to_string()));
+    if let Some(secs) = r.resumed_secs {
+        rows.push(("reconnected", format!("{} of {} in {secs:.2} s after the kill", r.reconnected, r.connected)));
+    }
     if let Some(p) = &r.publish {
         rows.push((
             "published",

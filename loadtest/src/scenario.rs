@@ -107,6 +107,8 @@ async fn specs(common: &Common, target: &Target, wants: Vec<Want>) -> anyhow::Re
                         select_chat: w.chat,
                         subject: None,
                         group: w.group,
+                        fallback_url: None,
+                        resume: false,
                     }
                 }
                 Protocol::NatsWs => SocketSpec {
@@ -117,6 +119,8 @@ async fn specs(common: &Common, target: &Target, wants: Vec<Want>) -> anyhow::Re
                         None => daisi_common::names::chats_subject(&company, &agent),
                     }),
                     group: w.group,
+                    fallback_url: None,
+                    resume: false,
                 },
             })
         }
@@ -619,4 +623,120 @@ mod tests {
         assert_eq!(events_in_group(10, 3, 0), 4);
         assert_eq!(events_in_group(10, 3, 2), 3);
     }
+}
+
+/// `resume`: every socket on the first edge with events flowing; that edge is
+/// killed (SIGKILL) and every client reconnects to the second edge, with
+/// `resume` (the last seq it saw) or plainly.
+#[derive(Clone, Debug)]
+pub struct ResumeOptions {
+    pub sockets: usize,
+    pub agents: usize,
+    pub rate: f64,
+    pub duration: Duration,
+    /// When, into the publishing, the first edge is killed.
+    pub kill_after: Duration,
+    /// Reconnect with `resume` (else a plain reconnect, for comparison).
+    pub resume: bool,
+}
+
+pub async fn resume(common: &Common, target: &Target, opts: &ResumeOptions) -> anyhow::Result<ScenarioReport> {
+    if target.protocol != Protocol::Daisi || target.ws_addrs.len() < 2 || target.server_pids.is_empty() {
+        bail!("resume needs a started daisi stack with two edges (--stack-edges 2)");
+    }
+    let agents = opts.agents.max(1);
+    let wants = (0..opts.sockets)
+        .map(|i| Want { edge: 0, agent: i % agents, user: i, chat: None, group: (i % agents) as u32 })
+        .collect();
+    let mut specs = specs(common, target, wants).await?;
+    let (a, b) = (&target.ws_addrs[0], &target.ws_addrs[1]);
+    for s in &mut specs {
+        s.fallback_url = Some(s.url.replacen(a.as_str(), b.as_str(), 1));
+        s.resume = opts.resume;
+        if opts.resume {
+            s.url.push_str("&resume=");
+        }
+    }
+    let subjects: Vec<String> =
+        (0..agents).map(|g| daisi_common::names::chats_subject(&common.company(), &format!("a{g}"))).collect();
+    let mut o = open(common, target, specs, 0).await?;
+    let mode = if opts.resume { "resume" } else { "plain reconnect" };
+    let load = format!(
+        "{} sockets on edge A over {agents} subjects, {} ev/s for {} s, edge A killed (SIGKILL) after {} s, {mode} to edge B",
+        opts.sockets,
+        opts.rate,
+        opts.duration.as_secs(),
+        opts.kill_after.as_secs()
+    );
+    let mut r = base_report(if opts.resume { "resume" } else { "reconnect" }, target, load, &o);
+    let publisher = Publisher::connect(&target.nats_url).await?;
+    warm_up(common, &o.pool, &publisher, &subjects, o.connected, Duration::from_secs(60)).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = o.pool.total();
+
+    let run = {
+        let subjects = subjects.clone();
+        let (rate, duration) = (opts.rate, opts.duration);
+        tokio::spawn(async move { publisher.run(&subjects, rate, duration, |_| {}).await })
+    };
+    tokio::time::sleep(opts.kill_after).await;
+    let pid = target.server_pids[0];
+    let killed = Instant::now();
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+    let pb = bar(common, o.connected, "reconnecting");
+    let mut resumed_secs = None;
+    while killed.elapsed() < Duration::from_secs(180) {
+        let p = o.pool.total();
+        pb.set_position(p.reconnected);
+        if p.reconnected + p.reconnect_failed >= o.connected {
+            resumed_secs = Some(killed.elapsed().as_secs_f64());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    pb.finish_and_clear();
+    let stats = run.await?;
+
+    let first = o.pool.reports().await?;
+    let mut per_group: Vec<u64> = Vec::new();
+    for w in &first {
+        if per_group.len() < w.connected_per_group.len() {
+            per_group.resize(w.connected_per_group.len(), 0);
+        }
+        for (x, y) in per_group.iter_mut().zip(&w.connected_per_group) {
+            *x += y;
+        }
+    }
+    let groups = subjects.len() as u64;
+    let expected: u64 =
+        per_group.iter().enumerate().map(|(g, n)| events_in_group(stats.published, groups, g as u64) * n).sum();
+    let drain_start = Instant::now();
+    let (mut last, mut last_change) = (0, Instant::now());
+    loop {
+        let got = o.pool.total().received - before.received;
+        if got >= expected || last_change.elapsed() > DRAIN_QUIET || drain_start.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        if got != last {
+            (last, last_change) = (got, Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reports = o.pool.reports().await?;
+    merge_reports(&mut r, &reports);
+    let after = o.pool.total();
+    r.delivered = after.received - before.received;
+    r.duplicates = after.duplicates - before.duplicates;
+    r.expected = expected;
+    r.lost = expected.saturating_sub(r.delivered);
+    r.drain_secs = drain_start.elapsed().as_secs_f64();
+    r.reconnected = after.reconnected;
+    r.resumed_secs = resumed_secs;
+    r.closed_while_held = after.closed;
+    if after.reconnect_failed > 0 {
+        r.errors.push(format!("{} sockets could not reconnect", after.reconnect_failed));
+    }
+    r.publish = Some(stats);
+    o.pool.close().await;
+    Ok(r)
 }

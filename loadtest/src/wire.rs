@@ -30,6 +30,12 @@ pub struct SocketSpec {
     pub subject: Option<String>,
     /// Which publish subject this socket listens to (index into the run's subjects).
     pub group: u32,
+    /// Daisi: when the socket drops, reconnect here (scenario `resume`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_url: Option<String>,
+    /// Daisi: reconnect with `resume=<last seq seen>` (else a plain reconnect).
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// What one worker process does.
@@ -94,6 +100,11 @@ pub struct Progress {
     /// Takeovers: done (new socket ready and old one closed with 4402) / failed.
     pub takeovers: u64,
     pub takeover_failed: u64,
+    /// Sockets that dropped and got `ready` again on their fallback URL / gave up.
+    #[serde(default)]
+    pub reconnected: u64,
+    #[serde(default)]
+    pub reconnect_failed: u64,
 }
 
 impl Progress {
@@ -113,6 +124,8 @@ impl Progress {
         self.pongs += o.pongs;
         self.takeovers += o.takeovers;
         self.takeover_failed += o.takeover_failed;
+        self.reconnected += o.reconnected;
+        self.reconnect_failed += o.reconnect_failed;
     }
 }
 

@@ -56,6 +56,8 @@ struct Counters {
     pongs: AtomicU64,
     takeovers: AtomicU64,
     takeover_failed: AtomicU64,
+    reconnected: AtomicU64,
+    reconnect_failed: AtomicU64,
     /// Open sockets (internal).
     live: AtomicU64,
     /// Sockets done with the current ping / takeover command (internal).
@@ -120,6 +122,8 @@ impl Shared {
             pongs: get(&c.pongs),
             takeovers: get(&c.takeovers),
             takeover_failed: get(&c.takeover_failed),
+            reconnected: get(&c.reconnected),
+            reconnect_failed: get(&c.reconnect_failed),
         }
     }
 
@@ -197,6 +201,9 @@ impl Shared {
 struct SockState {
     last_i: Option<u64>,
     warm_seen: bool,
+    /// Highest stream seq received, and the `stream_seq` of the last `ready`.
+    last_seq: u64,
+    floor: u64,
 }
 
 /// Writes one event line to stdout; a parent that went away ends the worker.
@@ -328,6 +335,75 @@ async fn open(url: &str, ip: Option<Ipv4Addr>, offer_deflate: bool) -> Result<Ws
 #[derive(serde::Deserialize)]
 struct EventFrame {
     payload: Payload,
+    #[serde(default)]
+    seq: u64,
+}
+
+/// Opens a Daisi socket that may resume: the events replayed before `ready`
+/// (as text frames) and the `stream_seq` that `ready` carries.
+async fn daisi_connect_resume(url: &str, ip: Option<Ipv4Addr>) -> Result<(Ws, Vec<String>, u64), String> {
+    let mut ws = open(url, ip, false).await?;
+    let mut before = Vec::new();
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).map_err(|e| format!("bad JSON: {e}"))?;
+                match v["type"].as_str() {
+                    Some("ready") => return Ok((ws, before, v["payload"]["stream_seq"].as_u64().unwrap_or(0))),
+                    Some("error") => return Err(format!("refused: {}", v["payload"]["code"].as_str().unwrap_or("?"))),
+                    _ => before.push(t.as_str().to_string()),
+                }
+            }
+            Some(Ok(Message::Close(f))) => {
+                return Err(format!("closed before ready: {}", f.map(|f| u16::from(f.code)).unwrap_or(0)));
+            }
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(format!("read: {e}")),
+            None => return Err("closed before ready".into()),
+        }
+    }
+}
+
+/// Reconnects a dropped socket to its fallback URL (with `resume` when the
+/// spec asks), retrying with full-jitter backoff; feeds the replayed events.
+async fn reconnect(sh: &Shared, spec: &SocketSpec, ip: Option<Ipv4Addr>, st: &mut SockState) -> Option<Ws> {
+    let base = spec.fallback_url.as_ref()?;
+    let timeout = Duration::from_millis(sh.job.connect_timeout_ms);
+    for attempt in 0..60u32 {
+        let url = if spec.resume { format!("{base}&resume={}", st.floor.max(st.last_seq)) } else { base.clone() };
+        match tokio::time::timeout(timeout, daisi_connect_resume(&url, ip)).await {
+            Ok(Ok((ws, before, floor))) => {
+                for t in before {
+                    match serde_json::from_str::<EventFrame>(&t) {
+                        Ok(f) => {
+                            st.last_seq = st.last_seq.max(f.seq);
+                            sh.on_payload(f.payload, st);
+                        }
+                        Err(_) => {
+                            sh.error(format!("unexpected frame: {}", t.chars().take(120).collect::<String>()));
+                            inc(&sh.c.malformed);
+                        }
+                    }
+                }
+                st.floor = st.floor.max(floor);
+                inc(&sh.c.reconnected);
+                return Some(ws);
+            }
+            Ok(Err(e)) if attempt == 59 => sh.error(format!("reconnect: {e}")),
+            _ => {}
+        }
+        let cap = 100u64.saturating_mul(1 << attempt.min(5)).min(2000);
+        tokio::time::sleep(Duration::from_millis(rand_below(cap))).await;
+    }
+    inc(&sh.c.reconnect_failed);
+    None
+}
+
+/// A uniform draw in `0..n` (full jitter), from the clock's low bits.
+fn rand_below(n: u64) -> u64 {
+    let t = unix_now_nanos() as u64;
+    let x = t ^ (t >> 17) ^ (t << 13);
+    x % n.max(1)
 }
 
 /// Opens a Daisi socket and waits for `ready`.
@@ -365,14 +441,22 @@ async fn socket_task(
     let timeout = Duration::from_millis(sh.job.connect_timeout_ms);
     match sh.job.protocol {
         Protocol::Daisi => {
-            let ws = match tokio::time::timeout(timeout, daisi_connect(&spec.url, ip, sh.job.offer_deflate)).await {
-                Ok(Ok(ws)) => ws,
-                Ok(Err(e)) => return sh.connect_failed(e),
-                Err(_) => return sh.connect_failed("connect timed out"),
+            let (ws, floor) = if spec.resume {
+                match tokio::time::timeout(timeout, daisi_connect_resume(&spec.url, ip)).await {
+                    Ok(Ok((ws, _, floor))) => (ws, floor),
+                    Ok(Err(e)) => return sh.connect_failed(e),
+                    Err(_) => return sh.connect_failed("connect timed out"),
+                }
+            } else {
+                match tokio::time::timeout(timeout, daisi_connect(&spec.url, ip, sh.job.offer_deflate)).await {
+                    Ok(Ok(ws)) => (ws, 0),
+                    Ok(Err(e)) => return sh.connect_failed(e),
+                    Err(_) => return sh.connect_failed("connect timed out"),
+                }
             };
             drop(permit);
             sh.connected(spec.group);
-            daisi_hold(&sh, &spec, ip, ws, phase).await;
+            daisi_hold(&sh, &spec, ip, ws, phase, floor).await;
         }
         Protocol::NatsWs => {
             let subject = spec.subject.clone().unwrap_or_else(|| "websocket.>".into());
@@ -403,6 +487,7 @@ async fn daisi_hold(
     ip: Option<Ipv4Addr>,
     mut ws: Ws,
     mut phase: watch::Receiver<Phase>,
+    floor: u64,
 ) {
     if let Some(chat) = &spec.select_chat {
         let msg = format!(r#"{{"type":"select_chat","payload":{{"chat_id":"{chat}"}}}}"#);
@@ -411,70 +496,85 @@ async fn daisi_hold(
             return;
         }
     }
-    let mut st = SockState::default();
+    let mut st = SockState { floor, ..SockState::default() };
     let mut awaiting: Option<tokio::time::Instant> = None;
-    loop {
-        tokio::select! {
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(t))) => match serde_json::from_str::<EventFrame>(t.as_str()) {
-                    Ok(f) => sh.on_payload(f.payload, &mut st),
-                    Err(_) => {
-                        sh.error(format!("unexpected frame: {}", t.as_str().chars().take(120).collect::<String>()));
-                        inc(&sh.c.malformed);
-                    }
-                },
-                Some(Ok(Message::Ping(_))) => inc(&sh.c.server_pings),
-                Some(Ok(Message::Pong(_))) => {
-                    if awaiting.take().is_some() {
-                        inc(&sh.c.pongs);
-                        inc(&sh.c.finished);
-                    }
-                }
-                Some(Ok(Message::Close(f))) => {
-                    sh.error(format!("closed by server: {}", f.map(|f| u16::from(f.code)).unwrap_or(0)));
-                    break;
-                }
-                Some(Ok(_)) => inc(&sh.c.malformed),
-                Some(Err(e)) => {
-                    sh.error(format!("read: {e}"));
-                    break;
-                }
-                None => break,
-            },
-            _ = until(awaiting) => {
-                awaiting = None;
-                inc(&sh.c.finished);
-            }
-            changed = phase.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let p = *phase.borrow_and_update();
-                match p {
-                    Phase::Hold => {}
-                    Phase::Ping { timeout_ms } => {
-                        if ws.send(Message::Ping(b"lt".to_vec().into())).await.is_err() {
+    'socket: loop {
+        loop {
+            tokio::select! {
+                msg = ws.next() => match msg {
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<EventFrame>(t.as_str()) {
+                        Ok(f) => {
+                            st.last_seq = st.last_seq.max(f.seq);
+                            sh.on_payload(f.payload, &mut st);
+                        }
+                        Err(_) => {
+                            sh.error(format!("unexpected frame: {}", t.as_str().chars().take(120).collect::<String>()));
+                            inc(&sh.c.malformed);
+                        }
+                    },
+                    Some(Ok(Message::Ping(_))) => inc(&sh.c.server_pings),
+                    Some(Ok(Message::Pong(_))) => {
+                        if awaiting.take().is_some() {
+                            inc(&sh.c.pongs);
                             inc(&sh.c.finished);
-                            break;
-                        }
-                        inc(&sh.c.pings_sent);
-                        awaiting = Some(tokio::time::Instant::now() + Duration::from_millis(timeout_ms));
-                    }
-                    Phase::Takeover { rounds, timeout_ms } => {
-                        let result = takeover(sh, &spec.url, ip, ws, rounds, Duration::from_millis(timeout_ms)).await;
-                        inc(&sh.c.finished);
-                        match result {
-                            Some(new) => ws = new,
-                            None => return,
                         }
                     }
-                    Phase::Close => {
-                        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+                    Some(Ok(Message::Close(f))) => {
+                        sh.error(format!("closed by server: {}", f.map(|f| u16::from(f.code)).unwrap_or(0)));
+                        break;
+                    }
+                    Some(Ok(_)) => inc(&sh.c.malformed),
+                    Some(Err(e)) => {
+                        sh.error(format!("read: {e}"));
+                        break;
+                    }
+                    None => break,
+                },
+                _ = until(awaiting) => {
+                    awaiting = None;
+                    inc(&sh.c.finished);
+                }
+                changed = phase.changed() => {
+                    if changed.is_err() {
                         return;
+                    }
+                    let p = *phase.borrow_and_update();
+                    match p {
+                        Phase::Hold => {}
+                        Phase::Ping { timeout_ms } => {
+                            if ws.send(Message::Ping(b"lt".to_vec().into())).await.is_err() {
+                                inc(&sh.c.finished);
+                                break;
+                            }
+                            inc(&sh.c.pings_sent);
+                            awaiting = Some(tokio::time::Instant::now() + Duration::from_millis(timeout_ms));
+                        }
+                        Phase::Takeover { rounds, timeout_ms } => {
+                            let result = takeover(sh, &spec.url, ip, ws, rounds, Duration::from_millis(timeout_ms)).await;
+                            inc(&sh.c.finished);
+                            match result {
+                                Some(new) => ws = new,
+                                None => return,
+                            }
+                        }
+                        Phase::Close => {
+                            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+                            return;
+                        }
                     }
                 }
             }
         }
+        // Dropped: a socket with a fallback reconnects (and resumes).
+        if spec.fallback_url.is_some() {
+            inc(&sh.c.closed);
+            if let Some(new) = reconnect(sh, spec, ip, &mut st).await {
+                ws = new;
+                continue 'socket;
+            }
+            return;
+        }
+        break;
     }
     if awaiting.is_some() {
         inc(&sh.c.finished);
