@@ -57,8 +57,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Close code for a client message left incomplete too long (policy violation).
 const POLICY_VIOLATION: u16 = 1008;
 
-/// Frames written per turn of a socket's loop before it looks at its other
-/// duties again (close requests, deadlines, client messages).
+/// Events handed to the writer per turn of a socket's loop (they go out in
+/// one vectored write) before it looks at its other duties again (close
+/// requests, deadlines, client messages).
 const WRITE_BATCH: usize = 32;
 
 /// `GET /ws/{company}/{agent}`
@@ -615,12 +616,15 @@ impl Conn {
         }
     }
 
-    /// Writes the socket's urgent frames, then queued events, then flushes.
-    /// Ready when it wrote a batch or ran out of work.
+    /// Finishes what the writer holds (urgent frames first), then hands it
+    /// up to `WRITE_BATCH` queued events to go out in one vectored write,
+    /// then flushes. Ready when it wrote a batch or ran out of work.
     fn poll_write(&self, tx: &mut Tx, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let metrics = &self.state().metrics;
+        // Nothing more is taken from the queue while the kernel is full, so
+        // the queue (and its drop/block policy) still sees a slow reader.
+        ready!(tx.poll_urgent(cx))?;
         for _ in 0..WRITE_BATCH {
-            ready!(tx.poll_urgent(cx))?;
             let Some(out) = self.shared().pop() else { break };
             tx.start(out.frame);
             metrics.messages_sent.increment(1);

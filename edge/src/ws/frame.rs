@@ -454,19 +454,28 @@ impl<R: AsyncRead + Unpin> Stream for Reader<R> {
 /// replies, the close). A peer that lets more pile up is not reading.
 pub const MAX_URGENT: usize = 16;
 
-/// Writes prebuilt frames to `W`, one at a time and without buffering: a
-/// frame goes straight to the kernel, and a shared frame is never copied.
+/// Most frames handed to the kernel in one vectored write.
+const MAX_IOVECS: usize = 64;
+
+/// Writes prebuilt frames to `W` without copying them: a shared frame goes
+/// to the kernel as is, and the frames waiting are handed over together in
+/// one vectored write (one system call and, with `TCP_NODELAY`, as few
+/// packets as the bytes need, instead of one of each per frame).
 ///
-/// Besides the frame being written, a writer keeps a short queue of urgent
-/// frames (control frames and replies) that go out as soon as the current
-/// frame is done, before anything else is started. Queuing never waits, so a
-/// socket's task never blocks on a peer that does not read: it queues, and
-/// writes whenever the peer makes room (see [`Writer::poll_urgent`]).
+/// Besides the event frames queued with [`Writer::start`], a writer keeps a
+/// short queue of urgent frames (control frames and replies) that go out as
+/// soon as the frame being written is done, before any event not yet begun.
+/// Queuing never waits, so a socket's task never blocks on a peer that does
+/// not read: it queues, and writes whenever the peer makes room (see
+/// [`Writer::poll_urgent`]).
 pub struct Writer<W> {
     io: W,
-    /// The rest of the frame being written; empty when idle.
-    pending: Bytes,
-    /// Frames to write before any other, oldest first (no allocation while empty).
+    /// Frames on their way to the wire, in order; the first may be partly
+    /// written. No allocation while empty.
+    out: VecDeque<Bytes>,
+    /// The first frame of `out` is partly written: nothing may go before it.
+    started: bool,
+    /// Frames to write before any event not yet begun, oldest first (no allocation while empty).
     urgent: VecDeque<Bytes>,
     /// Since when the peer has accepted no byte of a frame that is waiting.
     stalled_since: Option<Instant>,
@@ -481,7 +490,7 @@ pub struct Backlogged;
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     pub fn new(io: W) -> Self {
-        Self { io, pending: Bytes::new(), urgent: VecDeque::new(), stalled_since: None, closing: false }
+        Self { io, out: VecDeque::new(), started: false, urgent: VecDeque::new(), stalled_since: None, closing: false }
     }
 
     /// Queues a frame to go out before any other not yet started. Fails
@@ -522,9 +531,9 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.closing
     }
 
-    /// Whether a frame is being written or urgent frames wait.
+    /// Whether frames are being written or wait.
     pub fn busy(&self) -> bool {
-        !self.pending.is_empty() || !self.urgent.is_empty()
+        !self.out.is_empty() || !self.urgent.is_empty()
     }
 
     /// Since when the peer has accepted no byte of a waiting frame (a zero
@@ -533,33 +542,40 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.stalled_since
     }
 
-    /// Starts writing `frame` (an event). Call only when not [`busy`](Self::busy).
+    /// Queues `frame` (an event) behind the frames already waiting; it goes
+    /// out with them in the next write. Ignored once a close frame is queued.
     pub fn start(&mut self, frame: Bytes) {
-        debug_assert!(!self.busy(), "start while busy");
-        if !self.closing {
-            self.pending = frame;
+        if !self.closing && !frame.is_empty() {
+            self.out.push_back(frame);
         }
     }
 
-    /// Writes the current frame to the end, then every urgent frame. Ready
-    /// once nothing is left to write.
+    /// Writes every waiting frame, urgent frames before any event not yet
+    /// begun. Ready once nothing is left to write.
     pub fn poll_urgent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            ready!(self.poll_pending(cx))?;
-            match self.urgent.pop_front() {
-                Some(frame) => self.pending = frame,
-                None => {
-                    // Keep no capacity once drained.
-                    self.urgent = VecDeque::new();
-                    return Poll::Ready(Ok(()));
-                }
+        if !self.urgent.is_empty() {
+            // After the frame being written (a frame cannot be interrupted),
+            // before everything else.
+            let at = usize::from(self.started).min(self.out.len());
+            for (i, frame) in self.urgent.drain(..).enumerate() {
+                self.out.insert(at + i, frame);
             }
+            // Keep no capacity once drained.
+            self.urgent = VecDeque::new();
         }
+        ready!(self.poll_out(cx))?;
+        Poll::Ready(Ok(()))
     }
 
-    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while !self.pending.is_empty() {
-            match Pin::new(&mut self.io).poll_write(cx, &self.pending) {
+    fn poll_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.out.is_empty() {
+            let mut slices = [io::IoSlice::new(&[]); MAX_IOVECS];
+            let mut n = 0;
+            for (slot, frame) in slices.iter_mut().zip(self.out.iter()) {
+                *slot = io::IoSlice::new(frame);
+                n += 1;
+            }
+            match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..n]) {
                 Poll::Pending => {
                     if self.stalled_since.is_none() {
                         self.stalled_since = Some(Instant::now());
@@ -568,15 +584,32 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
+                Poll::Ready(Ok(written)) => {
                     self.stalled_since = None;
-                    self.pending.advance(n.min(self.pending.len()));
+                    self.consume(written);
                 }
             }
         }
-        // Drop the reference to the (possibly shared) frame.
-        self.pending = Bytes::new();
+        // Drop the references to the (possibly shared) frames and the capacity.
+        self.out = VecDeque::new();
+        self.started = false;
         Poll::Ready(Ok(()))
+    }
+
+    /// Removes `written` bytes from the front of `out`.
+    fn consume(&mut self, mut written: usize) {
+        while written > 0 {
+            let Some(front) = self.out.front_mut() else { return };
+            if written >= front.len() {
+                written -= front.len();
+                self.out.pop_front();
+                self.started = false;
+            } else {
+                front.advance(written);
+                self.started = true;
+                return;
+            }
+        }
     }
 
     /// Flushes the transport (after [`poll_urgent`](Self::poll_urgent)).
@@ -812,6 +845,10 @@ mod tests {
         let mut w = Writer::new(server);
         let big = text(&[b'e'; 1000]);
         w.start(big.clone());
+        // The first 64 bytes fill the pipe: the event is in progress.
+        let first = futures_util::future::poll_fn(|cx| Poll::Ready(w.poll_urgent(cx))).await;
+        assert!(first.is_pending(), "the peer reads nothing yet");
+        assert!(w.stalled_since().is_some());
         // The peer reads nothing yet: queuing still returns at once.
         for i in 0..3u8 {
             w.push_pong(&[i]).unwrap();
@@ -836,6 +873,66 @@ mod tests {
         expected.extend_from_slice(&text(b"reply"));
         expected.extend_from_slice(&close(1000, ""));
         assert_eq!(all, expected, "the event in progress, then the urgent frames in order, nothing after the close");
+    }
+
+    /// Records each write call the writer makes.
+    #[derive(Default)]
+    struct Calls {
+        writes: Vec<usize>,
+        bytes: Vec<u8>,
+    }
+
+    impl AsyncWrite for Calls {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            self.writes.push(buf.len());
+            self.bytes.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let n = bufs.iter().map(|b| b.len()).sum();
+            self.writes.push(n);
+            for b in bufs {
+                self.bytes.extend_from_slice(b);
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn waiting_frames_go_out_in_one_write_urgent_ones_first() {
+        let mut w = Writer::new(Calls::default());
+        let events: Vec<Bytes> = (0..10u8).map(|i| text(&[b'a' + i; 100])).collect();
+        for e in &events {
+            w.start(e.clone());
+        }
+        // Not begun yet: a reply queued now goes before them.
+        w.push_urgent(text(b"reply")).unwrap();
+        futures_util::future::poll_fn(|cx| w.poll_flush_io(cx)).await.unwrap();
+        let mut expected = text(b"reply").to_vec();
+        for e in &events {
+            expected.extend_from_slice(e);
+        }
+        assert_eq!(w.io.writes, vec![expected.len()], "eleven frames, one write");
+        assert_eq!(w.io.bytes, expected);
+        assert!(!w.busy());
+        assert_eq!(w.out.capacity(), 0, "an idle writer keeps no queue");
     }
 
     #[test]
