@@ -27,6 +27,8 @@ pub struct Args {
     pub publisher: bool,
     pub publish_interval: Duration,
     pub ready_timeout: Duration,
+    /// A three-node NATS cluster (stream with three replicas) instead of one server.
+    pub cluster: bool,
 }
 
 impl Default for Args {
@@ -43,6 +45,7 @@ impl Default for Args {
             agent: "agent1".into(),
             user: "u1".into(),
             publisher: true,
+            cluster: false,
             publish_interval: Duration::from_secs(1),
             ready_timeout: Duration::from_secs(60),
         }
@@ -88,6 +91,9 @@ options:
                               identity of the demo token (default demo / agent1 / u1)
   --publish-interval-ms MS    sample event period (default 1000)
   --no-publisher              do not publish sample events
+  --cluster                   three nats-server processes in a JetStream cluster (stream with
+                              3 replicas; --nats-port is the first one's). Redis stays one
+                              server: Redis Cluster is not supported yet
   --ready-timeout-secs S      how long to wait for every /ready (default 60)
   -h, --help                  this text
 
@@ -182,6 +188,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Parsed, String> {
                 out.publish_interval = Duration::from_millis(ms);
             }
             "--no-publisher" => out.publisher = false,
+            "--cluster" => out.cluster = true,
             "--ready-timeout-secs" => {
                 let v = value(&flag)?;
                 let s: u64 = v.parse().ok().filter(|n| *n >= 1).ok_or(format!("{flag} must be >= 1, got `{v}`"))?;

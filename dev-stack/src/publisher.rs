@@ -64,7 +64,7 @@ async fn publish(js: &async_nats::jetstream::Context, subject: String, body: &Va
 /// Publishes one event by hand (`daisi-dev-stack publish`): connects once
 /// (no retry: the stack must be running) and waits for JetStream's ack.
 pub async fn publish_one(p: &crate::args::Publish) -> Result<u64, String> {
-    let connect = async_nats::ConnectOptions::new().name("daisi-dev-stack publish").connect(p.nats_url.as_str());
+    let connect = async_nats::ConnectOptions::new().name("daisi-dev-stack publish").connect(servers(&p.nats_url));
     let client = tokio::time::timeout(Duration::from_secs(5), connect)
         .await
         .map_err(|_| format!("no answer from {} within 5s", p.nats_url))?
@@ -81,7 +81,7 @@ pub async fn run(nats_url: String, target: Target, period: Duration, stop: Cance
         c = async_nats::ConnectOptions::new()
             .name("daisi-dev-stack publisher")
             .retry_on_initial_connect()
-            .connect(nats_url.as_str()) => c,
+            .connect(servers(&nats_url)) => c,
     };
     let client = match client {
         Ok(c) => c,
@@ -131,6 +131,11 @@ pub async fn run(nats_url: String, target: Target, period: Duration, stop: Cance
         }
         waiting_said = false;
     }
+}
+
+/// The servers of a NATS URL list (`nats://a:1,nats://b:2`).
+fn servers(urls: &str) -> Vec<String> {
+    urls.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect()
 }
 
 #[cfg(test)]

@@ -323,6 +323,8 @@ async fn start(
 
     let mut wanted =
         vec![("nats-server", args.nats_port), ("redis-server", args.redis_port), ("router", args.router_port)];
+    // --cluster: two more client ports and three cluster-route ports, picked last.
+    let cluster_ports = if args.cluster { 5 } else { 0 };
     let edge_names: Vec<String> = (1..=args.edges).map(|i| format!("edge {i}")).collect();
     for (i, name) in edge_names.iter().enumerate() {
         wanted.push((name.as_str(), args.edge_ports.get(i).copied()));
@@ -330,10 +332,14 @@ async fn start(
     for name in &edge_names {
         wanted.push((name.as_str(), None)); // gRPC ports
     }
+    for _ in 0..cluster_ports {
+        wanted.push(("nats-server cluster", None));
+    }
     let ports = pick_ports(&wanted)?;
+    let extra_nats: Vec<u16> = ports[ports.len() - cluster_ports..].to_vec();
     let (nats_port, redis_port, router_port) = (ports[0], ports[1], ports[2]);
     let edge_http: Vec<u16> = ports[3..3 + args.edges].to_vec();
-    let edge_grpc: Vec<u16> = ports[3 + args.edges..].to_vec();
+    let edge_grpc: Vec<u16> = ports[3 + args.edges..3 + 2 * args.edges].to_vec();
 
     let logs = state.join("logs");
     for d in [logs.as_path(), &state.join("nats"), &state.join("redis")] {
@@ -345,29 +351,65 @@ async fn start(
     say(&format!("state folder {} (removed on exit)", state.display()));
 
     // 1. NATS and Redis.
-    let mut nats = Command::new(&nats_bin);
-    nats.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-n", "daisi-dev-nats", "-sd"])
-        .arg(state.join("nats"));
-    running.servers.push(Proc::spawn("nats-server", nats, &logs.join("nats-server.log"))?);
+    let mut nats_ports = vec![nats_port];
+    if args.cluster {
+        // Three servers routed to each other, each with its own store.
+        nats_ports.extend(&extra_nats[..2]);
+        let route_ports = [extra_nats[2], extra_nats[3], extra_nats[4]];
+        for i in 0..3 {
+            let store = state.join(format!("nats-{i}"));
+            std::fs::create_dir_all(&store).map_err(|e| format!("{}: {e}", store.display()))?;
+            let others: Vec<String> =
+                (0..3).filter(|j| *j != i).map(|j| format!("nats-route://127.0.0.1:{}", route_ports[j])).collect();
+            let conf = format!(
+                "server_name: daisi-dev-nats-{i}\nlisten: 127.0.0.1:{}\njetstream {{ store_dir: {:?} }}\n\
+                 cluster {{ name: daisi-dev, listen: 127.0.0.1:{}, routes: [{}] }}\n",
+                nats_ports[i],
+                store.display().to_string(),
+                route_ports[i],
+                others.join(", ")
+            );
+            let conf_path = state.join(format!("nats-{i}.conf"));
+            std::fs::write(&conf_path, conf).map_err(|e| format!("{}: {e}", conf_path.display()))?;
+            let mut nats = Command::new(&nats_bin);
+            nats.arg("-c").arg(&conf_path);
+            let name = format!("nats-server-{i}");
+            running.servers.push(Proc::spawn(&name, nats, &logs.join(format!("{name}.log")))?);
+        }
+    } else {
+        let mut nats = Command::new(&nats_bin);
+        nats.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-n", "daisi-dev-nats", "-sd"])
+            .arg(state.join("nats"));
+        running.servers.push(Proc::spawn("nats-server", nats, &logs.join("nats-server.log"))?);
+    }
     let mut redis = Command::new(&redis_bin);
     redis
         .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
         .arg(state.join("redis"));
     running.servers.push(Proc::spawn("redis-server", redis, &logs.join("redis-server.log"))?);
-    for (name, port) in [("nats-server", nats_port), ("redis-server", redis_port)] {
+    let mut listening: Vec<(&str, u16)> = nats_ports.iter().map(|p| ("nats-server", *p)).collect();
+    listening.push(("redis-server", redis_port));
+    for (name, port) in listening {
         if !wait_until(name, Duration::from_secs(15), running, stop, || port_open(port)).await? {
             return Err(StartError::Failed(format!("{name} did not listen on port {port} within 15s")));
         }
     }
-    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let nats_url = nats_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
     let redis_address = format!("127.0.0.1:{redis_port}");
-    say(&format!("nats-server -js on {nats_url}, redis-server on {redis_address}"));
+    if args.cluster {
+        say(&format!(
+            "NATS JetStream cluster of three on {nats_url} (stream replicas 3), redis-server on {redis_address}"
+        ));
+    } else {
+        say(&format!("nats-server -js on {nats_url}, redis-server on {redis_address}"));
+    }
 
     // 2. The router and the edges, configured only through the environment.
     let common_env = |cmd: &mut Command| {
         cmd.env(daisi_common::config::ENV_CONFIG_PATH, &config)
             .env("DAISI_WS_NATS_URL", &nats_url)
             .env("DAISI_WS_REDIS_ADDRESS", &redis_address)
+            .env("DAISI_WS_NATS_STREAM_REPLICAS", if args.cluster { "3" } else { "1" })
             .env("DAISI_WS_LOG_FORMAT", "text");
     };
     let mut router = Command::new(&router_bin);

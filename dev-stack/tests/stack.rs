@@ -43,7 +43,12 @@ struct Stack {
 
 impl Stack {
     fn start(bin_dir: &Path) -> Self {
+        Self::start_with(bin_dir, &[])
+    }
+
+    fn start_with(bin_dir: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(STACK)
+            .args(extra)
             .args(["--publish-interval-ms", "200", "--bin-dir"])
             .arg(bin_dir)
             .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
@@ -236,4 +241,48 @@ fn dev_stack_serves_events_and_stops_cleanly() {
     let left: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
     assert!(!state_dir.exists(), "state folder {} was not removed", state_dir.display());
+}
+
+#[test]
+fn dev_stack_cluster_runs_a_three_node_nats_cluster_and_delivers() {
+    let bin_dir: PathBuf = Path::new(STACK).parent().expect("bin dir").to_path_buf();
+    build_app_binaries(&bin_dir);
+
+    let mut stack = Stack::start_with(&bin_dir, &["--cluster"]);
+    let vars = stack.read_until("WS_URL", Duration::from_secs(120));
+    let pids: Vec<u32> = vars["PIDS"].split(',').map(|p| p.parse().expect("pid")).collect();
+    assert_eq!(pids.len(), 7, "three nats-servers, redis, router and two edges: {pids:?}");
+    assert_eq!(vars["NATS_URL"].split(',').count(), 3, "{}", vars["NATS_URL"]);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut ws = WsClient::connect(&vars["WS_URL"]).await;
+        ws.expect_ready().await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if ws.event(left).await["subject"] == "websocket.demo.agent1.chats" {
+                break;
+            }
+        }
+        // Publishing by hand with the printed server list works too.
+        let publish = Command::new(STACK)
+            .args(["publish", "--nats-url", &vars["NATS_URL"], "websocket.demo.agent1.chats", r#"{"by_hand":true}"#])
+            .output()
+            .expect("run daisi-dev-stack publish");
+        assert!(publish.status.success(), "{}", String::from_utf8_lossy(&publish.stderr));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if ws.event(left).await["payload"]["by_hand"] == true {
+                break;
+            }
+        }
+        ws.close().await;
+    });
+    assert!(stack.output().contains("stream replicas 3"), "the banner says it is a cluster");
+    assert_eq!(stack.stop(Duration::from_secs(40)), Some(0));
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} left behind");
+    }
 }
