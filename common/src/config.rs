@@ -143,6 +143,11 @@ pub struct RouterConfig {
     pub edge_tls_key_file: String,
     /// Name the edges' certificates are checked against; empty = the host of each edge's address.
     pub edge_tls_server_name: String,
+    /// How long an edge may be unreachable (no working delivery stream)
+    /// before its events are settled as undeliverable instead of retried,
+    /// and, once its registration is gone too, before it is declared dead,
+    /// in milliseconds.
+    pub edge_unreachable_grace_ms: u64,
 }
 
 impl Default for RouterConfig {
@@ -158,6 +163,7 @@ impl Default for RouterConfig {
             edge_tls_cert_file: String::new(),
             edge_tls_key_file: String::new(),
             edge_tls_server_name: String::new(),
+            edge_unreachable_grace_ms: 5000,
         }
     }
 }
@@ -585,6 +591,7 @@ impl Config {
             ("router.max_in_flight", u64::from(self.router.max_in_flight)),
             ("router.edge_ack_timeout_ms", self.router.edge_ack_timeout_ms),
             ("router.pull_batch_size", u64::from(self.router.pull_batch_size)),
+            ("router.edge_unreachable_grace_ms", self.router.edge_unreachable_grace_ms),
             ("nats.consumer_ack_wait_seconds", self.nats.consumer_ack_wait_seconds),
             ("nats.stream_max_age_seconds", self.nats.stream_max_age_seconds),
         ] {

@@ -77,7 +77,8 @@ pub fn admin_session_key(admin: &str) -> String {
     format!("session:admin:{admin}")
 }
 
-/// `edge:{pod_id}` → the edge's gRPC address.
+/// `edge:{pod_id}`: the edge's registration (hash: `addr`, `boot`, `gen`,
+/// `canary`), refreshed with a TTL.
 pub fn edge_key(pod_id: &str) -> String {
     format!("edge:{pod_id}")
 }
@@ -119,8 +120,15 @@ pub const ROUTE_CHANGES_CHANNEL: &str = "dws:route_changes";
 /// written now is seen by every router's resolution at the latest this long
 /// after: the edge's resume waits it out before taking its cut.
 pub const ROUTE_CACHE_TTL: std::time::Duration = std::time::Duration::from_millis(500);
-/// Key holding the route registry generation (see the router's "no route" rule).
+/// Pub/sub channel on which an edge announces a released session lock
+/// (payload: the lock key), so a waiting takeover retries at once.
+pub const SESSION_RELEASED_CHANNEL: &str = "dws:session_released";
+/// Key holding the route registry generation (see decision 0014).
 pub const REGISTRY_GENERATION_KEY: &str = "dws:registry:generation";
+/// Hash of every edge that registered (pod id → gRPC address, `-` once it
+/// left gracefully). Entries are removed only when a router confirmed the
+/// edge's death, never by a TTL.
+pub const EDGE_DIRECTORY_KEY: &str = "dws:edges";
 
 #[cfg(test)]
 mod tests {

@@ -39,15 +39,15 @@ return 0
 /// ARGV[1] pod id, then one TTL in ms per key. Each member's score is its own
 /// expiry (Redis time), so one edge's refresh never keeps another alive.
 /// Expired members are pruned; the key itself expires after its last member.
-/// Returns how many memberships were new.
+/// Returns, per key, 1 if the membership was new, else 0.
 pub const ROUTE_REFRESH: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local added = 0
+local added = {}
 for i, key in ipairs(KEYS) do
   local ttl = tonumber(ARGV[i + 1])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-  added = added + redis.call('ZADD', key, now + ttl, ARGV[1])
+  added[i] = redis.call('ZADD', key, now + ttl, ARGV[1])
   if redis.call('PTTL', key) < ttl then
     redis.call('PEXPIRE', key, ttl)
   end
@@ -55,34 +55,120 @@ end
 return added
 "#;
 
-/// The registry generation marker: created (with Redis time, ms) by the first
-/// edge that finishes a full re-assertion after Redis lost its data.
-/// KEYS[1] marker. Returns 1 if created now.
-pub const MARK_GENERATION: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-local t = redis.call('TIME')
-redis.call('SET', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+/// The edge registration, written at the start of every refresh pass.
+/// KEYS[1] `edge:{pod}` (hash), KEYS[2] the edge directory (hash pod → addr),
+/// KEYS[3] the registry generation marker. ARGV[1] pod id, ARGV[2] gRPC
+/// address, ARGV[3] boot id, ARGV[4] canary state, ARGV[5] TTL ms, ARGV[6]
+/// the generation this edge confirmed last ("" if none), ARGV[7] a fresh
+/// generation id, used if the marker is missing (Redis lost its data).
+/// The confirmation is kept only if the registration of this very boot
+/// survived and the marker is unchanged: otherwise Redis may have lost (or
+/// expired) this edge's memberships, and it must re-assert before confirming.
+/// Returns `{existed (0/1), marker, kept confirmation ("" if dropped)}`.
+pub const REGISTER_EDGE: &str = r#"
+if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then redis.call('DEL', KEYS[1]) end
+local existed = redis.call('EXISTS', KEYS[1])
+local boot = redis.call('HGET', KEYS[1], 'boot')
+local marker = redis.call('GET', KEYS[3])
+if not marker then
+  marker = ARGV[7]
+  redis.call('SET', KEYS[3], marker)
+end
+local gen = ARGV[6]
+if existed == 0 or boot ~= ARGV[3] or gen ~= marker then gen = '' end
+redis.call('HSET', KEYS[1], 'addr', ARGV[2], 'boot', ARGV[3], 'canary', ARGV[4], 'gen', gen)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return {existed, marker, gen}
+"#;
+
+/// Confirms, after a full re-assertion pass, the generation the pass
+/// started under. KEYS[1] `edge:{pod}`, KEYS[2] marker. ARGV[1] boot id,
+/// ARGV[2] generation. Returns 1 if confirmed, 0 if the registration or the
+/// marker changed meanwhile (the next pass tries again).
+pub const CONFIRM_GENERATION: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+if redis.call('HGET', KEYS[1], 'boot') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'gen', ARGV[2])
 return 1
 "#;
 
-/// Resolves route keys to live edges in one round trip. KEYS[1] generation
-/// marker, KEYS[2..] route keys. Returns `{now_ms, marker_ms or -1, pod1,
-/// addr1 or false, pod2, addr2 or false, ...}` with each live pod once.
-pub const RESOLVE_ROUTES: &str = r#"
+/// Graceful departure: registration deleted, directory entry turned into a
+/// tombstone (`-{Redis time ms}`) so routers stop waiting for this edge at
+/// once. KEYS[1] `edge:{pod}`, KEYS[2] directory. ARGV[1] pod id.
+pub const DEREGISTER_EDGE: &str = r#"
+local t = redis.call('TIME')
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[2], ARGV[1], '-' .. (tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+return 1
+"#;
+
+/// The edge directory for routers and peers. KEYS[1] directory, KEYS[2]
+/// marker. Tombstones older than a minute are dropped (every router has
+/// seen them by then). Returns `{marker or "", pod1, dir_addr1, registered1
+/// (0/1), reg_addr1 or "", gen1 or "", canary1 or "", pod2, ...}`.
+pub const READ_DIRECTORY: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local out = {redis.call('GET', KEYS[2]) or ''}
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local pod = all[i]
+  local v = all[i + 1]
+  if string.sub(v, 1, 1) == '-' and now - (tonumber(string.sub(v, 2)) or 0) > 60000
+     and redis.call('EXISTS', 'edge:' .. pod) == 0 then
+    redis.call('HDEL', KEYS[1], pod)
+  end
+  local reg = redis.call('HMGET', 'edge:' .. pod, 'addr', 'gen', 'canary')
+  table.insert(out, pod)
+  table.insert(out, all[i + 1])
+  table.insert(out, reg[1] and 1 or 0)
+  table.insert(out, reg[1] or '')
+  table.insert(out, reg[2] or '')
+  table.insert(out, reg[3] or '')
+end
+return out
+"#;
+
+/// Forgets an edge whose death a router confirmed, unless it registered
+/// again meanwhile. KEYS[1] `edge:{pod}`, KEYS[2] directory, KEYS[3..]
+/// route keys to drop it from. ARGV[1] pod id. Returns 1 if forgotten.
+pub const FORGET_EDGE: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return 1
+"#;
+
+/// Resolves route keys to edges in one round trip, and checks which of the
+/// edges the router knows have not confirmed the current generation.
+/// KEYS[1] marker, KEYS[2] directory, KEYS[3..] route keys; ARGV: pods the
+/// router knows. Membership scores are not trusted for liveness (a frozen
+/// Redis expires them while the edges live): every member is returned with
+/// its registration, and the router decides.
+/// Returns `{marker or "", {pod, reg_addr or "", ...}, {unconfirmed pod, ...}}`.
+pub const RESOLVE_ROUTES: &str = r#"
 local marker = redis.call('GET', KEYS[1])
-local out = {now, marker and tonumber(marker) or -1}
+local members = {}
 local seen = {}
-for i = 2, #KEYS do
-  local pods = redis.call('ZRANGEBYSCORE', KEYS[i], now, '+inf')
-  for _, pod in ipairs(pods) do
+for i = 3, #KEYS do
+  for _, pod in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
     if not seen[pod] then
       seen[pod] = true
-      table.insert(out, pod)
-      table.insert(out, redis.call('GET', 'edge:' .. pod) or false)
+      table.insert(members, pod)
+      table.insert(members, redis.call('HGET', 'edge:' .. pod, 'addr') or '')
     end
   end
 end
-return out
+local unconfirmed = {}
+for _, pod in ipairs(ARGV) do
+  if not seen[pod] then
+    local gen = redis.call('HGET', 'edge:' .. pod, 'gen')
+    if (not marker) or gen ~= marker then
+      local entry = redis.call('HGET', KEYS[2], pod) or ''
+      if string.sub(entry, 1, 1) ~= '-' then table.insert(unconfirmed, pod) end
+    end
+  end
+end
+return {marker or '', members, unconfirmed}
 "#;

@@ -32,16 +32,18 @@ struct Recent {
     seen: Instant,
 }
 
-/// Recently delivered sequences per subject.
+/// Recently delivered sequences per (subject, stream creation): a stream
+/// deleted and recreated restarts its sequences, and its events are new.
 #[derive(Default)]
 pub struct Dedup {
-    recent: DashMap<Box<str>, Recent>,
+    recent: DashMap<(Box<str>, u64), Recent>,
 }
 
 impl Dedup {
-    /// Records (subject, seq); false if it was seen recently (a duplicate).
-    pub fn first_time(&self, subject: &str, seq: u64) -> bool {
-        let mut entry = self.recent.entry(subject.into()).or_insert_with(|| Recent {
+    /// Records (subject, stream creation, seq); false if it was seen
+    /// recently (a duplicate).
+    pub fn first_time(&self, subject: &str, stream_created: u64, seq: u64) -> bool {
+        let mut entry = self.recent.entry((subject.into(), stream_created)).or_insert_with(|| Recent {
             seqs: VecDeque::new(),
             max: 0,
             seen: Instant::now(),
@@ -85,7 +87,9 @@ impl EdgeDelivery for Delivery {
         }
         let state = self.state.clone();
         let dedup = self.dedup.clone();
-        let acks = request.into_inner().map(move |batch| batch.map(|b| accept(&state, &dedup, b)));
+        // Ends with the edge, so a router's long-lived stream never holds up a shutdown.
+        let stop = self.state.shutdown.clone().cancelled_owned();
+        let acks = request.into_inner().map(move |batch| batch.map(|b| accept(&state, &dedup, b))).take_until(stop);
         Ok(Response::new(Box::pin(acks)))
     }
 }
@@ -96,7 +100,7 @@ fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
             state.canary.observe(&event.payload);
             continue;
         }
-        if !dedup.first_time(&event.subject, event.seq) {
+        if !dedup.first_time(&event.subject, event.stream_created_unix_nanos, event.seq) {
             counter!("dws_grpc_duplicates_total").increment(1);
             continue;
         }
@@ -229,23 +233,31 @@ mod tests {
     #[test]
     fn dedup_by_subject_and_seq() {
         let d = Dedup::default();
-        assert!(d.first_time("a", 1));
-        assert!(!d.first_time("a", 1));
-        assert!(d.first_time("b", 1));
-        assert!(d.first_time("a", 2));
+        assert!(d.first_time("a", 7, 1));
+        assert!(!d.first_time("a", 7, 1));
+        assert!(d.first_time("b", 7, 1));
+        assert!(d.first_time("a", 7, 2));
         // Out of order (several routers) is still deduplicated.
-        assert!(d.first_time("a", 0));
-        assert!(!d.first_time("a", 0));
+        assert!(d.first_time("a", 7, 0));
+        assert!(!d.first_time("a", 7, 0));
+    }
+
+    #[test]
+    fn a_recreated_stream_restarts_its_sequences() {
+        let d = Dedup::default();
+        assert!(d.first_time("a", 7, 1));
+        assert!(d.first_time("a", 8, 1), "same seq of a stream created later is a new event");
+        assert!(!d.first_time("a", 8, 1));
     }
 
     #[test]
     fn remembers_a_busy_subjects_retries() {
         let d = Dedup::default();
         for seq in 1..=3000 {
-            assert!(d.first_time("s", seq));
+            assert!(d.first_time("s", 1, seq));
         }
         for seq in 1..=3000 {
-            assert!(!d.first_time("s", seq), "{seq} redelivered after 3000 newer events");
+            assert!(!d.first_time("s", 1, seq), "{seq} redelivered after 3000 newer events");
         }
     }
 }

@@ -90,6 +90,9 @@ pub enum CloseRequest {
     TooSlow = 2,
     /// The edge is shutting down or draining: 1001.
     Shutdown = 3,
+    /// This edge is not receiving events while its peers are: 1012, so the
+    /// client reconnects to a healthy edge.
+    Shed = 4,
 }
 
 impl CloseRequest {
@@ -98,6 +101,7 @@ impl CloseRequest {
             1 => CloseRequest::SessionTaken,
             2 => CloseRequest::TooSlow,
             3 => CloseRequest::Shutdown,
+            4 => CloseRequest::Shed,
             _ => CloseRequest::None,
         }
     }

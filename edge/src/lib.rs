@@ -203,6 +203,20 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
                 })
             }
         }),
+        health::Check::critical("shedding", {
+            let state = state.clone();
+            move || {
+                let shedding = state.canary.shedding();
+                Box::pin(async move {
+                    if shedding {
+                        Err("this edge's delivery canary fails while other edges' succeed: sockets are moved away"
+                            .into())
+                    } else {
+                        Ok(())
+                    }
+                })
+            }
+        }),
         health::Check::informational("delivery", {
             let state = state.clone();
             move || {

@@ -2,6 +2,10 @@
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
+/// Every `reason` of `dws_auth_failure_total`.
+pub const AUTH_FAILURE_REASONS: [&str; 5] =
+    ["invalid_api_key", "bad_request", "token_expired", "invalid_token", "token_path_mismatch"];
+
 /// Handles to every edge metric (names from SPEC §8).
 pub struct EdgeMetrics {
     pub active_user: Gauge,
@@ -35,6 +39,26 @@ impl EdgeMetrics {
     pub fn new() -> Self {
         // Make sure the recorder exists before handles are taken.
         let _ = daisi_common::telemetry::metrics_handle();
+        // Series that only move on rare events exist from start, at zero:
+        // alerts and rate() need them before the first increment.
+        for reason in AUTH_FAILURE_REASONS {
+            let _ = counter!("dws_auth_failure_total", "reason" => reason);
+        }
+        for from in ["live_owner", "dead_owner"] {
+            let _ = counter!("dws_session_takeovers_total", "from" => from);
+        }
+        for name in [
+            "dws_session_lock_attempts_total",
+            "dws_session_lock_success_total",
+            "dws_session_reasserted_total",
+            "dws_routes_reasserted_total",
+            "dws_grpc_messages_received_total",
+            "dws_grpc_duplicates_total",
+            "dws_grpc_invalid_events_total",
+        ] {
+            let _ = counter!(name);
+        }
+        let _ = counter!("dws_grpc_refused_total", "reason" => "internal_token");
         Self {
             active_user: gauge!("dws_active_connections", "kind" => "user"),
             active_admin: gauge!("dws_active_connections", "kind" => "admin"),

@@ -3,7 +3,8 @@
 //! kept alive by one pipelined refresh loop per edge.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use daisi_common::config::Config;
@@ -14,7 +15,7 @@ use metrics::counter;
 use redis::Script;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::hub::{CloseRequest, SocketShared};
@@ -60,6 +61,30 @@ struct RouteState {
     refs: usize,
     class: RouteClass,
     since: Instant,
+    /// Redis has had this membership once: a later refresh that finds it
+    /// missing is a re-assertion (Redis lost it), not a first write.
+    written: bool,
+}
+
+/// The delivery canary's state, published in the edge registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CanaryState {
+    /// No verdict yet (start-up, or nothing to compare).
+    Unknown = 0,
+    /// Probes come back.
+    Ok = 1,
+    /// Probes stopped coming back.
+    Failing = 2,
+}
+
+impl CanaryState {
+    fn as_str(self) -> &'static str {
+        match self {
+            CanaryState::Unknown => "unknown",
+            CanaryState::Ok => "ok",
+            CanaryState::Failing => "failing",
+        }
+    }
 }
 
 enum RouteOp {
@@ -73,7 +98,10 @@ struct Scripts {
     release_lock: Script,
     takeover_lock: Script,
     route_refresh: Script,
-    mark_generation: Script,
+    register_edge: Script,
+    confirm_generation: Script,
+    deregister_edge: Script,
+    read_directory: Script,
 }
 
 /// This edge's presence in Redis.
@@ -88,7 +116,39 @@ pub struct Presence {
     ops: mpsc::UnboundedSender<RouteOp>,
     scripts: Scripts,
     epoch: Instant,
+    /// The registry generation this edge confirmed (after a full re-assertion
+    /// pass under it), if it still stands.
+    confirmed: Mutex<Option<String>>,
+    canary: AtomicU8,
+    /// Whether another registered edge reported its canary healthy at the last pass.
+    peer_canary_ok: AtomicBool,
+    /// Takeovers waiting for a lock's release, by lock key.
+    waiters: DashMap<String, Arc<Notify>>,
+    /// Wakes the refresh loop at once (Redis answered again).
+    refresh_now: Notify,
 }
+
+/// Drops a takeover's waiter entry when the last waiter leaves.
+struct WaiterGuard<'a> {
+    map: &'a DashMap<String, Arc<Notify>>,
+    key: &'a str,
+    notify: Arc<Notify>,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        // Ours and the map's: nobody else waits on this key.
+        self.map.remove_if(self.key, |_, n| Arc::ptr_eq(n, &self.notify) && Arc::strong_count(n) <= 2);
+    }
+}
+
+/// How long a takeover waits for the old owner's release before checking
+/// whether that owner is dead.
+const RELEASE_GRACE: Duration = Duration::from_millis(300);
+/// How long a dial to a lock owner's edge may take before it counts as unanswered.
+const OWNER_DIAL_TIMEOUT: Duration = Duration::from_millis(500);
+/// Longest wait between two re-assertion attempts while Redis is failing.
+const REFRESH_RETRY_MAX: Duration = Duration::from_secs(1);
 
 impl Presence {
     /// Starts the route writer; call [`Presence::spawn_background`] for the
@@ -116,9 +176,17 @@ impl Presence {
                 release_lock: Script::new(scripts::RELEASE_LOCK),
                 takeover_lock: Script::new(scripts::TAKEOVER_LOCK),
                 route_refresh: Script::new(scripts::ROUTE_REFRESH),
-                mark_generation: Script::new(scripts::MARK_GENERATION),
+                register_edge: Script::new(scripts::REGISTER_EDGE),
+                confirm_generation: Script::new(scripts::CONFIRM_GENERATION),
+                deregister_edge: Script::new(scripts::DEREGISTER_EDGE),
+                read_directory: Script::new(scripts::READ_DIRECTORY),
             },
             epoch: Instant::now(),
+            confirmed: Mutex::new(None),
+            canary: AtomicU8::new(CanaryState::Unknown as u8),
+            peer_canary_ok: AtomicBool::new(false),
+            waiters: DashMap::new(),
+            refresh_now: Notify::new(),
         });
         tokio::spawn(route_writer(Arc::downgrade(&presence), rx, shutdown));
         presence
@@ -149,6 +217,14 @@ impl Presence {
     /// Acquires the exclusive session `key` for `socket`, taking it over from
     /// an older socket (kill switch) or from a dead edge. Returns the handle
     /// that must be passed to [`Presence::release`].
+    ///
+    /// A socket of this edge holding the session is always closed (4402),
+    /// whether or not Redis still has its lock. The wait for the old owner
+    /// is woken by its release (locally or through Redis pub/sub); an owner
+    /// that does not let go is checked for death, and a dead owner's lock is
+    /// taken over at once. A socket that loses a race (the lock changes
+    /// hands to someone else while it waits) gets `Conflict` and never
+    /// closes the winner.
     pub async fn acquire(
         &self,
         key: &str,
@@ -159,90 +235,169 @@ impl Presence {
         let cfg = self.cfg();
         let me = self.owner_value(socket.id);
         let ttl_ms = self.session_ttl_ms(&cfg, 0);
-        let deadline = Instant::now() + Duration::from_millis(cfg.app.session_takeover_wait_ms);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.app.session_takeover_wait_ms);
+        let notify = self.waiters.entry(key.to_string()).or_insert_with(|| Arc::new(Notify::new())).clone();
+        let _guard = WaiterGuard { map: &self.waiters, key, notify: notify.clone() };
         let mut conn = self.redis.clone();
+        // The owner this socket set out to replace: a local socket first.
         let mut first_owner: Option<String> = None;
-        let mut last_kill: Option<Instant> = None;
+        let mut saw_free = false;
+        if let Some(local) = self.sessions.get(key) {
+            first_owner = Some(local.owner.clone());
+            local.socket.request_close(CloseRequest::SessionTaken);
+        }
+        let mut last_kill: Option<(String, Instant)> = None;
+        let mut checked: Option<(String, Instant)> = None;
         loop {
+            let released = notify.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
             let set: Option<String> =
                 redis::cmd("SET").arg(key).arg(&me).arg("NX").arg("PX").arg(ttl_ms).query_async(&mut conn).await?;
             if set.is_some() {
                 break;
             }
             let current: Option<String> = redis::cmd("GET").arg(key).query_async(&mut conn).await?;
-            let Some(current) = current else { continue };
+            let Some(current) = current else {
+                saw_free = true;
+                continue;
+            };
             match &first_owner {
+                None if saw_free => return Err(AcquireError::Conflict),
                 None => first_owner = Some(current.clone()),
                 Some(first) if *first != current => {
-                    // The old owner let go and another new socket won the race.
-                    return Err(AcquireError::Conflict);
+                    // Someone else's lock now: a remote one replacing a stale
+                    // local socket may be taken over, a race winner may not.
+                    if saw_free || self.is_this_run(&current) || !self.sessions.contains_key(key) {
+                        return Err(AcquireError::Conflict);
+                    }
+                    first_owner = Some(current.clone());
                 }
                 Some(_) => {}
             }
-            if self.owner_is_gone(&mut conn, &current).await? {
-                let taken: i64 = self
-                    .scripts
-                    .takeover_lock
-                    .key(key)
-                    .arg(&current)
-                    .arg(&me)
-                    .arg(ttl_ms)
-                    .invoke_async(&mut conn)
-                    .await?;
-                if taken == 1 {
-                    counter!("dws_session_takeovers_total", "from" => "dead_owner").increment(1);
-                    break;
-                }
-                continue;
-            }
-            if last_kill.is_none_or(|t| t.elapsed() >= Duration::from_millis(500)) {
-                last_kill = Some(Instant::now());
-                self.kill(&mut conn, key, &current).await?;
-            }
-            if Instant::now() >= deadline {
+            if tokio::time::Instant::now() >= deadline {
                 return Err(AcquireError::Conflict);
             }
-            tokio::time::sleep(Duration::from_millis(15)).await;
+            if !self.is_this_run(&current) {
+                let kill_due = match &last_kill {
+                    Some((owner, at)) => *owner != current || at.elapsed() >= Duration::from_secs(1),
+                    None => true,
+                };
+                if kill_due {
+                    last_kill = Some((current.clone(), Instant::now()));
+                    self.kill(&mut conn, key, &current).await?;
+                }
+                let unanswered = last_kill.as_ref().is_some_and(|(_, at)| at.elapsed() >= RELEASE_GRACE);
+                let check_due = checked.as_ref().is_none_or(|(o, at)| *o != current || at.elapsed() >= RELEASE_GRACE);
+                if unanswered && check_due {
+                    checked = Some((current.clone(), Instant::now()));
+                    if self.owner_is_gone(&mut conn, &current).await? {
+                        let taken: i64 = self
+                            .scripts
+                            .takeover_lock
+                            .key(key)
+                            .arg(&current)
+                            .arg(&me)
+                            .arg(ttl_ms)
+                            .invoke_async(&mut conn)
+                            .await?;
+                        if taken == 1 {
+                            tracing::info!(session_key = %key, "took over the session of a dead edge");
+                            counter!("dws_session_takeovers_total", "from" => "dead_owner").increment(1);
+                            first_owner = None;
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            } else if let Some(local) = self.sessions.get(key)
+                && local.owner == current
+            {
+                local.socket.request_close(CloseRequest::SessionTaken);
+            }
+            // Woken by the release; the timeout covers a missed announcement
+            // and the death check of an owner that does not answer.
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now()).min(RELEASE_GRACE);
+            let _ = tokio::time::timeout(wait, released).await;
         }
         if first_owner.is_some() {
             counter!("dws_session_takeovers_total", "from" => "live_owner").increment(1);
         }
         counter!("dws_session_lock_success_total").increment(1);
-        self.sessions
+        let previous = self
+            .sessions
             .insert(key.to_string(), LocalSession { owner: me.clone(), socket: socket.clone(), last_activity });
+        if let Some(previous) = previous
+            && !Arc::ptr_eq(&previous.socket, socket)
+        {
+            // A local socket that lost its lock without noticing: never two live sockets.
+            previous.socket.request_close(CloseRequest::SessionTaken);
+        }
         Ok(me)
     }
 
-    /// Whether the socket owning `value` can no longer answer: its edge's
-    /// registration expired, or it belongs to a previous run of this edge.
+    /// Every socket holding a session here (every socket past its lock).
+    pub fn sockets(&self) -> Vec<Arc<SocketShared>> {
+        self.sessions.iter().map(|s| s.socket.clone()).collect()
+    }
+
+    /// Whether a lock value belongs to a socket of this very process.
+    fn is_this_run(&self, value: &str) -> bool {
+        value.split_once('|').is_some_and(|(pod, rest)| {
+            pod == self.pod_id && rest.split_once('-').is_some_and(|(b, _)| b == self.boot_id)
+        })
+    }
+
+    /// Whether the socket owning `value` is confirmed gone: it belongs to a
+    /// previous run of this edge or of its pod; or its edge's gRPC address
+    /// refuses connections; or its registration is gone and its address
+    /// does not answer. A frozen or restarted Redis alone proves nothing.
     async fn owner_is_gone(&self, conn: &mut ConnectionManager, value: &str) -> Result<bool, redis::RedisError> {
         let Some((pod, rest)) = value.split_once('|') else { return Ok(true) };
+        let boot = rest.split_once('-').map(|(b, _)| b).unwrap_or("");
         if pod == self.pod_id {
-            let boot = rest.split_once('-').map(|(b, _)| b).unwrap_or("");
-            if boot != self.boot_id {
-                return Ok(true);
-            }
-            // A socket of this very run: alive, even if it is still between
-            // its SET and its local registration (it is never refreshed if it
-            // leaked, so its lock then expires by itself).
-            return Ok(false);
+            // A socket of this very run is alive, even between its SET and
+            // its local registration (a leaked lock is never refreshed).
+            return Ok(boot != self.boot_id);
         }
-        let exists: bool = redis::cmd("EXISTS").arg(names::edge_key(pod)).query_async(conn).await?;
-        Ok(!exists)
+        let (reg_addr, reg_boot): (Option<String>, Option<String>) =
+            redis::cmd("HMGET").arg(names::edge_key(pod)).arg("addr").arg("boot").query_async(conn).await?;
+        let registered = reg_addr.is_some();
+        if reg_boot.as_deref().is_some_and(|b| b != boot) {
+            return Ok(true); // The pod restarted: the owner's process is gone.
+        }
+        let addr = match reg_addr {
+            Some(a) => a,
+            None => {
+                let dir: Option<String> =
+                    redis::cmd("HGET").arg(names::EDGE_DIRECTORY_KEY).arg(pod).query_async(conn).await?;
+                match dir {
+                    Some(a) if !a.starts_with('-') && !a.is_empty() => a,
+                    _ => return Ok(true),
+                }
+            }
+        };
+        match tokio::time::timeout(OWNER_DIAL_TIMEOUT, tokio::net::TcpStream::connect(addr.as_str())).await {
+            Ok(Ok(_)) => Ok(false),
+            // Nothing listens there: the process is gone.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(true),
+            // Unreachable: alive only as far as its registration says.
+            _ => Ok(!registered),
+        }
     }
 
     async fn kill(&self, conn: &mut ConnectionManager, key: &str, owner: &str) -> Result<(), redis::RedisError> {
-        // A socket on this edge is closed directly; others hear the kill switch.
-        if let Some(local) = self.sessions.get(key)
-            && local.owner == owner
-        {
-            local.socket.request_close(CloseRequest::SessionTaken);
-            return Ok(());
-        }
         let msg =
             serde_json::to_string(&KillMessage { key: key.to_string(), owner: owner.to_string() }).unwrap_or_default();
         let _: i64 = redis::cmd("PUBLISH").arg(names::KILL_SWITCH_CHANNEL).arg(msg).query_async(conn).await?;
         Ok(())
+    }
+
+    /// Wakes takeovers waiting for `key` (its lock was released somewhere).
+    pub fn on_released(&self, key: &str) {
+        if let Some(n) = self.waiters.get(key) {
+            n.notify_waiters();
+        }
     }
 
     /// Handles a kill-switch message from any edge.
@@ -259,14 +414,27 @@ impl Presence {
         }
     }
 
-    /// Releases a session this socket holds (compare-and-delete).
+    /// Releases a session this socket holds (compare-and-delete) and
+    /// announces it, so a takeover waiting on any edge proceeds at once.
     pub async fn release(&self, key: &str, owner: &str) {
         self.sessions.remove_if(key, |_, s| s.owner == owner);
         let mut conn = self.redis.clone();
         let res: Result<i64, _> = self.scripts.release_lock.key(key).arg(owner).invoke_async(&mut conn).await;
-        if let Err(e) = res {
-            // The lock expires by itself (or is taken over once this edge is gone).
-            tracing::warn!(session_key = %key, error = %e, "could not release session lock");
+        match res {
+            Ok(1) => {
+                self.on_released(key);
+                let published: Result<i64, _> =
+                    redis::cmd("PUBLISH").arg(names::SESSION_RELEASED_CHANNEL).arg(key).query_async(&mut conn).await;
+                if let Err(e) = published {
+                    tracing::debug!(session_key = %key, error = %e, "could not announce the release");
+                }
+            }
+            Ok(_) => self.on_released(key),
+            Err(e) => {
+                self.on_released(key);
+                // The lock expires by itself (or is taken over once this edge is gone).
+                tracing::warn!(session_key = %key, error = %e, "could not release session lock");
+            }
         }
     }
 
@@ -274,8 +442,12 @@ impl Presence {
     /// has it. The local reference is kept even when this fails.
     pub async fn add_route(&self, key: &str, class: RouteClass) -> Result<(), RouteError> {
         let first = {
-            let mut entry =
-                self.routes.entry(key.to_string()).or_insert(RouteState { refs: 0, class, since: Instant::now() });
+            let mut entry = self.routes.entry(key.to_string()).or_insert(RouteState {
+                refs: 0,
+                class,
+                since: Instant::now(),
+                written: false,
+            });
             entry.refs += 1;
             entry.since = Instant::now();
             entry.refs == 1
@@ -326,43 +498,104 @@ impl Presence {
         cfg.app.ttl_refresh_interval_seconds * 2 * 1000 + 500
     }
 
-    /// Writes `edge:{pod_id}`.
-    pub async fn register_edge(&self) -> Result<(), redis::RedisError> {
-        let cfg = self.cfg();
-        let mut conn = self.redis.clone();
-        redis::cmd("SET")
-            .arg(names::edge_key(&self.pod_id))
-            .arg(&self.advertise_addr)
-            .arg("PX")
-            .arg(Self::edge_ttl_ms(&cfg))
-            .query_async::<()>(&mut conn)
-            .await
+    /// Sets the canary state published in the next registration.
+    pub fn set_canary(&self, state: CanaryState) {
+        self.canary.store(state as u8, Ordering::Relaxed);
     }
 
-    /// Removes `edge:{pod_id}` and every route membership (graceful shutdown).
+    fn canary_state(&self) -> CanaryState {
+        match self.canary.load(Ordering::Relaxed) {
+            1 => CanaryState::Ok,
+            2 => CanaryState::Failing,
+            _ => CanaryState::Unknown,
+        }
+    }
+
+    /// Whether another registered edge reported a healthy canary at the last pass.
+    pub fn peer_canary_ok(&self) -> bool {
+        self.peer_canary_ok.load(Ordering::Relaxed)
+    }
+
+    /// The generation this edge has confirmed, if any.
+    pub fn confirmed_generation(&self) -> Option<String> {
+        self.confirmed.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_confirmed(&self, generation: Option<String>) {
+        *self.confirmed.lock().unwrap_or_else(|e| e.into_inner()) = generation;
+    }
+
+    /// Writes `edge:{pod_id}` and this edge's directory entry; returns the
+    /// current registry generation and whether this edge's confirmation of
+    /// it still stands.
+    async fn register_edge(&self, conn: &mut ConnectionManager) -> Result<(String, bool), redis::RedisError> {
+        let cfg = self.cfg();
+        let confirmed = self.confirmed_generation().unwrap_or_default();
+        let fresh = format!("{}-{}", daisi_common::token::unix_now_nanos(), daisi_common::token::new_token_id());
+        let (existed, marker, kept): (i64, String, String) = self
+            .scripts
+            .register_edge
+            .key(names::edge_key(&self.pod_id))
+            .key(names::EDGE_DIRECTORY_KEY)
+            .key(names::REGISTRY_GENERATION_KEY)
+            .arg(&self.pod_id)
+            .arg(&self.advertise_addr)
+            .arg(&self.boot_id)
+            .arg(self.canary_state().as_str())
+            .arg(Self::edge_ttl_ms(&cfg))
+            .arg(&confirmed)
+            .arg(&fresh)
+            .invoke_async(conn)
+            .await?;
+        if kept.is_empty() && !confirmed.is_empty() {
+            tracing::info!(
+                registration_survived = existed == 1,
+                "Redis lost this edge's registration or generation: re-asserting before confirming"
+            );
+            self.set_confirmed(None);
+        }
+        Ok((marker, !kept.is_empty()))
+    }
+
+    /// Removes `edge:{pod_id}` and every route membership (graceful shutdown);
+    /// the directory keeps a tombstone so routers stop waiting for this edge.
     pub async fn deregister(&self) {
         let mut conn = self.redis.clone();
-        let mut pipe = redis::pipe();
-        pipe.del(names::edge_key(&self.pod_id)).ignore();
         let keys: Vec<String> = self.routes.iter().map(|e| e.key().clone()).collect();
+        let mut pipe = redis::pipe();
         for key in &keys {
             pipe.zrem(key, &self.pod_id).ignore();
         }
         if !keys.is_empty() {
             pipe.publish(names::ROUTE_CHANGES_CHANNEL, keys.join("\n")).ignore();
         }
-        if let Err(e) = pipe.query_async::<()>(&mut conn).await {
+        // Memberships first: the tombstone tells routers nothing of ours is left.
+        let result = match pipe.query_async::<()>(&mut conn).await {
+            Ok(()) => self
+                .scripts
+                .deregister_edge
+                .key(names::edge_key(&self.pod_id))
+                .key(names::EDGE_DIRECTORY_KEY)
+                .arg(&self.pod_id)
+                .invoke_async::<i64>(&mut conn)
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
             tracing::warn!(error = %e, "could not deregister edge");
         }
     }
 
-    /// One refresh pass: edge registration, every lock (re-asserted if Redis
-    /// lost it; sockets whose lock another socket holds are closed), every
-    /// route membership, then the registry generation marker.
+    /// One refresh pass: edge registration (creating the registry generation
+    /// if Redis lost it), every lock (re-asserted if Redis lost it; sockets
+    /// whose lock another socket holds are closed), every route membership,
+    /// then the confirmation of the generation the pass started under, and
+    /// the peers' canary states.
     pub async fn refresh_all(&self) -> Result<(), redis::RedisError> {
         let cfg = self.cfg();
         let mut conn = self.redis.clone();
-        self.register_edge().await?;
+        let (generation, still_confirmed) = self.register_edge(&mut conn).await?;
 
         let sessions: Vec<(String, String, Arc<SocketShared>, u64)> = self
             .sessions
@@ -400,16 +633,73 @@ impl Presence {
             }
         }
 
-        let routes: Vec<(String, u64)> =
-            self.routes.iter().filter(|e| e.refs > 0).map(|e| (e.key().clone(), self.route_ttl_ms(&cfg, &e))).collect();
-        let mut readded = 0i64;
+        let routes: Vec<(String, u64, bool)> = self
+            .routes
+            .iter()
+            .filter(|e| e.refs > 0)
+            .map(|e| (e.key().clone(), self.route_ttl_ms(&cfg, &e), e.written))
+            .collect();
+        let mut reasserted = 0u64;
         for chunk in routes.chunks(500) {
-            readded += self.write_routes(&mut conn, chunk).await?;
+            let pairs: Vec<(String, u64)> = chunk.iter().map(|(k, t, _)| (k.clone(), *t)).collect();
+            let added = self.write_routes(&mut conn, &pairs).await?;
+            for ((key, _, written), added) in chunk.iter().zip(added) {
+                if added && *written {
+                    reasserted += 1;
+                }
+                if let Some(mut e) = self.routes.get_mut(key) {
+                    e.written = true;
+                }
+            }
         }
-        if readded > 0 {
-            counter!("dws_routes_reasserted_total").increment(readded as u64);
+        if reasserted > 0 {
+            counter!("dws_routes_reasserted_total").increment(reasserted);
+            tracing::info!(routes = reasserted, "re-asserted route memberships Redis had lost");
         }
-        let _: i64 = self.scripts.mark_generation.key(names::REGISTRY_GENERATION_KEY).invoke_async(&mut conn).await?;
+        if !still_confirmed {
+            let confirmed: i64 = self
+                .scripts
+                .confirm_generation
+                .key(names::edge_key(&self.pod_id))
+                .key(names::REGISTRY_GENERATION_KEY)
+                .arg(&self.boot_id)
+                .arg(&generation)
+                .invoke_async(&mut conn)
+                .await?;
+            if confirmed == 1 {
+                tracing::debug!(%generation, "registry generation confirmed");
+                self.set_confirmed(Some(generation));
+            }
+        }
+        self.read_peers(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Reads the other edges' canary states from their registrations.
+    async fn read_peers(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+        let raw: Vec<redis::Value> = self
+            .scripts
+            .read_directory
+            .key(names::EDGE_DIRECTORY_KEY)
+            .key(names::REGISTRY_GENERATION_KEY)
+            .invoke_async(conn)
+            .await?;
+        let text = |v: &redis::Value| -> String {
+            match v {
+                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                redis::Value::SimpleString(s) => s.clone(),
+                redis::Value::Int(n) => n.to_string(),
+                _ => String::new(),
+            }
+        };
+        let mut ok = false;
+        for entry in raw.get(1..).unwrap_or_default().chunks_exact(6) {
+            let (pod, registered, canary) = (text(&entry[0]), text(&entry[2]), text(&entry[5]));
+            if pod != self.pod_id && registered == "1" && canary == CanaryState::Ok.as_str() {
+                ok = true;
+            }
+        }
+        self.peer_canary_ok.store(ok, Ordering::Relaxed);
         Ok(())
     }
 
@@ -420,50 +710,73 @@ impl Presence {
         Ok(())
     }
 
-    /// ZADDs this edge into route keys; returns how many memberships were new
-    /// (and announces those on the route-changes channel).
+    /// ZADDs this edge into route keys; returns, per key, whether the
+    /// membership was new (and announces new ones on the route-changes channel).
     async fn write_routes(
         &self,
         conn: &mut ConnectionManager,
         routes: &[(String, u64)],
-    ) -> Result<i64, redis::RedisError> {
+    ) -> Result<Vec<bool>, redis::RedisError> {
         if routes.is_empty() {
-            return Ok(0);
+            return Ok(Vec::new());
         }
         let mut inv = self.scripts.route_refresh.prepare_invoke();
         inv.arg(&self.pod_id);
         for (key, ttl) in routes {
             inv.key(key).arg(*ttl);
         }
-        let added: i64 = inv.invoke_async(conn).await?;
-        if added > 0 {
-            let keys: Vec<&str> = routes.iter().map(|(k, _)| k.as_str()).collect();
+        let added: Vec<i64> = inv.invoke_async(conn).await?;
+        let new: Vec<&str> = routes.iter().zip(&added).filter(|(_, a)| **a > 0).map(|((k, _), _)| k.as_str()).collect();
+        if !new.is_empty() {
             let _: i64 =
-                redis::cmd("PUBLISH").arg(names::ROUTE_CHANGES_CHANNEL).arg(keys.join("\n")).query_async(conn).await?;
+                redis::cmd("PUBLISH").arg(names::ROUTE_CHANGES_CHANNEL).arg(new.join("\n")).query_async(conn).await?;
         }
-        Ok(added)
+        Ok(routes.iter().enumerate().map(|(i, _)| added.get(i).is_some_and(|a| *a > 0)).collect())
     }
 
-    /// Starts the refresh loop and the kill-switch listener.
+    /// Starts the refresh loop and the kill-switch and release listeners.
     pub fn spawn_background(self: &Arc<Self>, client: redis::Client, shutdown: CancellationToken) {
         let me = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move { me.refresh_loop(stop).await });
-        let me = Arc::downgrade(self);
-        tokio::spawn(async move {
-            daisi_common::deps::subscribe_forever(
-                client,
-                names::KILL_SWITCH_CHANNEL,
-                shutdown,
-                move |payload| {
-                    if let Some(p) = me.upgrade() {
-                        p.on_kill_message(&payload);
+        let on_kill = Arc::downgrade(self);
+        let on_reconnect = Arc::downgrade(self);
+        tokio::spawn(daisi_common::deps::subscribe_forever(
+            client.clone(),
+            names::KILL_SWITCH_CHANNEL,
+            shutdown.clone(),
+            move |payload| {
+                if let Some(p) = on_kill.upgrade() {
+                    p.on_kill_message(&payload);
+                }
+            },
+            // Redis answers again: re-assert now, not after a backoff.
+            move || {
+                if let Some(p) = on_reconnect.upgrade() {
+                    p.refresh_now.notify_one();
+                }
+            },
+        ));
+        let on_release = Arc::downgrade(self);
+        let on_resubscribe = Arc::downgrade(self);
+        tokio::spawn(daisi_common::deps::subscribe_forever(
+            client,
+            names::SESSION_RELEASED_CHANNEL,
+            shutdown,
+            move |payload| {
+                if let Some(p) = on_release.upgrade() {
+                    p.on_released(&payload);
+                }
+            },
+            // Releases may have been missed: let every waiter look again.
+            move || {
+                if let Some(p) = on_resubscribe.upgrade() {
+                    for w in p.waiters.iter() {
+                        w.notify_waiters();
                     }
-                },
-                || {},
-            )
-            .await
-        });
+                }
+            },
+        ));
     }
 
     async fn refresh_loop(self: Arc<Self>, shutdown: CancellationToken) {
@@ -479,23 +792,24 @@ impl Presence {
                     interval
                 }
                 Err(e) => {
-                    // Retry sooner than the interval, with exponential backoff
-                    // and jitter, so a returning Redis is re-asserted quickly.
+                    // Retry at least every second, so a returning Redis is
+                    // re-asserted within about a second, however long it was gone.
                     let b = backoff.get_or_insert_with(|| {
-                        tracing::warn!(error = %e, "refresh failed; retrying with backoff");
+                        tracing::warn!(error = %e, "refresh failed; retrying");
                         backon::ExponentialBuilder::default()
                             .with_min_delay(Duration::from_millis(100))
-                            .with_max_delay(interval)
+                            .with_max_delay(REFRESH_RETRY_MAX.min(interval))
                             .with_jitter()
                             .without_max_times()
                             .build()
                     });
-                    b.next().unwrap_or(interval)
+                    b.next().unwrap_or(REFRESH_RETRY_MAX).min(REFRESH_RETRY_MAX)
                 }
             };
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.refresh_now.notified() => {}
             }
         }
     }
@@ -555,8 +869,15 @@ async fn route_writer(
             }
         }
         for chunk in adds.chunks(500) {
-            if let Err(e) = p.write_routes(&mut conn, chunk).await {
-                result = Err(RouteError(e.to_string()));
+            match p.write_routes(&mut conn, chunk).await {
+                Ok(_) => {
+                    for (key, _) in chunk {
+                        if let Some(mut e) = p.routes.get_mut(key) {
+                            e.written = true;
+                        }
+                    }
+                }
+                Err(e) => result = Err(RouteError(e.to_string())),
             }
         }
         for tx in waiters {

@@ -56,6 +56,8 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// Client frame too large.
     pub const TOO_BIG: u16 = 1009;
+    /// Reconnect elsewhere: this edge is not receiving events while its peers are.
+    pub const SERVICE_RESTART: u16 = 1012;
     /// Try again later (edge full, or a socket too slow under `block`).
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }

@@ -613,6 +613,7 @@ impl Conn {
                 Some(End::code(close::TRY_AGAIN_LATER, "too slow"))
             }
             CloseRequest::Shutdown => Some(End::unresponsive(close::GOING_AWAY, "server going away")),
+            CloseRequest::Shed => Some(End::code(close::SERVICE_RESTART, "edge not receiving events")),
         }
     }
 

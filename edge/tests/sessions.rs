@@ -19,6 +19,11 @@ async fn get(redis: &MultiplexedConnection, key: &str) -> Option<String> {
     redis::cmd("GET").arg(key).query_async(&mut r).await.unwrap_or(None)
 }
 
+async fn exists(redis: &MultiplexedConnection, key: &str) -> bool {
+    let mut r = redis.clone();
+    redis::cmd("EXISTS").arg(key).query_async(&mut r).await.unwrap_or(false)
+}
+
 async fn route_members(redis: &MultiplexedConnection, key: &str) -> Vec<String> {
     let mut r = redis.clone();
     // Live members only: score (expiry, ms) in the future by Redis time.
@@ -160,13 +165,13 @@ async fn redis_restart_with_no_data_keeps_sockets_and_reasserts_locks_and_routes
     drop(redis_before);
     eventually(Duration::from_secs(15), "locks, routes and registration re-asserted", || async {
         let lock = get(&redis, "session:c1:a1:u1").await?;
-        let reg = get(&redis, &format!("edge:{}", edge.edge.pod_id)).await?;
+        let reg = exists(&redis, &format!("edge:{}", edge.edge.pod_id)).await;
         let chats = route_members(&redis, "route:c1:a1:chats").await;
         let chat = route_members(&redis, "route:c1:a1:messages:y").await;
         let old_chat = route_members(&redis, "route:c1:a1:messages:x").await;
         let marker = get(&redis, "dws:registry:generation").await?;
         (lock.starts_with(&edge.edge.pod_id)
-            && !reg.is_empty()
+            && reg
             && !chats.is_empty()
             && !chat.is_empty()
             && old_chat.is_empty()
@@ -210,7 +215,7 @@ async fn lock_of_a_killed_edge_is_taken_over_once_its_registration_expires() {
     // Until the dead edge's registration expires, a takeover waits (and may
     // time out with 4402); after it, the new socket gets the session at once.
     let dead_reg = format!("edge:{}", cfg.server.pod_id);
-    eventually(T, "dead edge registration expired", || async { get(&redis, &dead_reg).await.is_none().then_some(()) })
+    eventually(T, "dead edge registration expired", || async { (!exists(&redis, &dead_reg).await).then_some(()) })
         .await;
     let mut c = WsClient::connect(&live.user_url("c1", "a1", &token)).await;
     c.expect_ready().await;
@@ -295,4 +300,68 @@ async fn check_config_exits_2_naming_the_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("DAISI_WS_SERVER_HTTP_PROT"));
+}
+
+#[tokio::test]
+async fn a_second_socket_on_the_same_edge_takes_over_even_when_redis_lost_the_lock() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let url = edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60));
+    let mut old = WsClient::connect(&url).await;
+    old.expect_ready().await;
+    // Redis lost the lock (restarted empty, or an outage outlived its TTL).
+    let mut redis = s.redis_conn().await;
+    let _: i64 = redis::cmd("DEL").arg("session:c1:a1:u1").query_async(&mut redis).await.unwrap();
+    let mut new = WsClient::connect(&url).await;
+    old.expect_error_then_close("SessionConflict", 4402).await;
+    new.expect_ready().await;
+    // Exactly one live socket: the new one, which owns the lock and receives.
+    let owner = get(&redis, "session:c1:a1:u1").await.expect("lock held");
+    assert!(owner.starts_with(&edge.edge.pod_id), "{owner}");
+    edge.publish("websocket.c1.a1.chats", 1, "{}");
+    assert_eq!(new.event(T).await["seq"], 1);
+}
+
+#[tokio::test]
+async fn users_of_a_killed_edge_get_their_sessions_back_at_once_elsewhere() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.app.session_ttl_seconds = 60;
+    // The dead edge's registration would outlive this test's patience
+    // (10.5 s), and so would the takeover wait: only a confirmed death helps.
+    cfg.app.ttl_refresh_interval_seconds = 5;
+    cfg.app.session_takeover_wait_ms = 10_000;
+    let mut dead = EdgeProcess::start(&cfg);
+    let tokens: Vec<String> = (0..5).map(|i| user_token("c1", "a1", &format!("u{i}"), 60)).collect();
+    let mut victims = Vec::new();
+    for t in &tokens {
+        let mut c = connect_when_up(&dead.user_url("c1", "a1", t)).await;
+        c.expect_ready().await;
+        victims.push(c);
+    }
+    let mut cfg2 = cfg.clone();
+    cfg2.server.pod_id = format!("{}-live", cfg.server.pod_id);
+    let live = RunningEdge::start(cfg2).await;
+    dead.kill9();
+    let redis = s.redis_conn().await;
+    assert!(exists(&redis, &format!("edge:{}", cfg.server.pod_id)).await, "the dead edge is still registered");
+    // Each user reconnects at once to the live edge: ready, never 4402, well
+    // before the dead edge's registration or the takeover wait run out.
+    let reconnect = async {
+        let mut back = Vec::new();
+        for (i, t) in tokens.iter().enumerate() {
+            let mut c = WsClient::connect(&live.user_url("c1", "a1", t)).await;
+            let first = c.json(T).await;
+            assert_eq!(first["type"], "ready", "user {i} after the crash: {first}");
+            back.push(c);
+        }
+        back
+    };
+    let _back = tokio::time::timeout(Duration::from_secs(8), reconnect)
+        .await
+        .expect("all five users back before the old timeouts");
+    for i in 0..5 {
+        let owner = get(&redis, &format!("session:c1:a1:u{i}")).await.expect("lock");
+        assert!(owner.starts_with(&live.edge.pod_id), "{owner}");
+    }
 }

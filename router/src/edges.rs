@@ -3,9 +3,16 @@
 //! batch ack to the events' waiters, reconnects with backoff and jitter, and
 //! fails fast while its circuit breaker is open. Actors share nothing, so a
 //! dead or slow edge never delays delivery to another one.
+//!
+//! Every known edge has an actor whose stream stays open (heartbeats when
+//! idle): a healthy stream is this router's own proof that the edge lives,
+//! whatever Redis says (decision 0014). An edge without a working stream for
+//! `router.edge_unreachable_grace_ms` is unreachable: its events are settled
+//! at once instead of retried (decision 0015).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use daisi_common::config::Config;
@@ -28,8 +35,8 @@ pub const MAX_BATCH: usize = 256;
 const MAX_BATCHES_IN_FLIGHT: usize = 64;
 /// Batches buffered between the actor and the HTTP/2 stream.
 const STREAM_BUFFER: usize = 16;
-/// An actor with nothing to deliver for this long closes its stream and ends.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// An idle stream sends an empty batch this often; its ack proves the edge answers.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Bound on dialing an edge.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -48,6 +55,49 @@ pub enum DeliveryError {
     Timeout,
     #[error("edge client closed")]
     Closed,
+    #[error("edge unreachable past router.edge_unreachable_grace_ms")]
+    Unreachable,
+}
+
+/// The state of the delivery stream to one edge, shared by its actor, the
+/// directory and the pipeline.
+#[derive(Debug)]
+pub struct Link {
+    epoch: Instant,
+    /// Milliseconds (since `epoch`, plus one) at which the stream went down,
+    /// or the actor started without one; 0 while a stream is up.
+    down_since_ms: AtomicU64,
+}
+
+impl Link {
+    fn new() -> Self {
+        Self { epoch: Instant::now(), down_since_ms: AtomicU64::new(1) }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn up(&self) {
+        self.down_since_ms.store(0, Ordering::Release);
+    }
+
+    fn down(&self) {
+        let _ = self.down_since_ms.compare_exchange(0, self.now_ms(), Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// Whether a delivery stream to the edge is open and answering.
+    pub fn healthy(&self) -> bool {
+        self.down_since_ms.load(Ordering::Acquire) == 0
+    }
+
+    /// How long the edge has been without a working stream (`None` while up).
+    pub fn down_for(&self) -> Option<Duration> {
+        match self.down_since_ms.load(Ordering::Acquire) {
+            0 => None,
+            since => Some(Duration::from_millis(self.now_ms().saturating_sub(since))),
+        }
+    }
 }
 
 /// Resolves once the edge accepted (or failed) one event.
@@ -63,6 +113,7 @@ struct Pending {
 struct Handle {
     addr: Arc<str>,
     tx: mpsc::UnboundedSender<Pending>,
+    link: Arc<Link>,
 }
 
 /// Every edge this router talks to, by pod id.
@@ -98,14 +149,39 @@ impl Edges {
         edges
     }
 
+    fn grace(&self) -> Duration {
+        Duration::from_millis(self.config.borrow().router.edge_unreachable_grace_ms)
+    }
+
+    /// Makes sure an actor (and so a stream) exists for `target`.
+    pub fn ensure(&self, target: &EdgeTarget) {
+        self.handle(target);
+    }
+
+    /// Stops the actor of a dead edge.
+    pub fn remove(&self, pod: &str) {
+        self.actors.remove(pod);
+    }
+
+    /// The stream state of `pod`, if this router has an actor for it.
+    pub fn link(&self, pod: &str) -> Option<Arc<Link>> {
+        self.actors.get(pod).map(|h| h.link.clone())
+    }
+
     /// Queues `event` for `target` without waiting; events queued for one
-    /// edge are sent in the order they were queued.
+    /// edge are sent in the order they were queued. An edge unreachable past
+    /// the grace fails at once with [`DeliveryError::Unreachable`].
     pub fn deliver(&self, target: &EdgeTarget, event: Event) -> Outcome {
         let (reply, outcome) = oneshot::channel();
         let mut pending = Pending { event, reply };
-        // Twice: the actor may have just ended (idle) between lookup and send.
+        let grace = self.grace();
+        // Twice: the actor may have just ended between lookup and send.
         for _ in 0..2 {
             let handle = self.handle(target);
+            if handle.link.down_for().is_some_and(|d| d >= grace) {
+                let _ = pending.reply.send(Err(DeliveryError::Unreachable));
+                return outcome;
+            }
             match handle.tx.send(pending) {
                 Ok(()) => return outcome,
                 Err(mpsc::error::SendError(p)) => {
@@ -142,7 +218,9 @@ impl Edges {
 
     fn spawn(&self, target: &EdgeTarget) -> Handle {
         let (tx, rx) = mpsc::unbounded_channel();
+        let link = Arc::new(Link::new());
         let actor = Actor {
+            link: link.clone(),
             addr: target.addr.clone(),
             rx,
             config: self.config.clone(),
@@ -153,7 +231,7 @@ impl Edges {
         };
         let span = tracing::info_span!("edge_client", pod = %target.pod, addr = %target.addr);
         tokio::spawn(tracing::Instrument::instrument(actor.run(), span));
-        Handle { addr: target.addr.clone(), tx }
+        Handle { addr: target.addr.clone(), tx, link }
     }
 }
 
@@ -170,13 +248,14 @@ struct InFlight {
 
 /// Why a session ended.
 enum SessionEnd {
-    /// Shutdown, idle, or the handle was dropped: the actor ends.
+    /// Shutdown, or the handle was dropped: the actor ends.
     Exit,
     /// The stream broke: count a failure and reconnect.
     Broken(DeliveryError),
 }
 
 struct Actor {
+    link: Arc<Link>,
     addr: Arc<str>,
     rx: mpsc::UnboundedReceiver<Pending>,
     config: watch::Receiver<Arc<Config>>,
@@ -226,14 +305,13 @@ impl Actor {
                 }
                 tracing::debug!("circuit half-open: trying the edge again");
             }
-            if carry.is_empty() {
-                match self.wait_for_work().await {
-                    Some(p) => carry.push(p),
-                    None => return,
-                }
-            }
+            // Connected whether or not there is work: the open stream is the
+            // proof that the edge lives.
             let end = match self.connect().await {
-                Ok(session) => self.serve(session, &mut carry).await,
+                Ok(session) => {
+                    self.link.up();
+                    self.serve(session, &mut carry).await
+                }
                 Err(e) => {
                     fail_all(carry.drain(..).map(|p| p.reply), &e);
                     // Also what queued up while dialing: fail it now rather than at its timeout.
@@ -243,6 +321,7 @@ impl Actor {
                     SessionEnd::Broken(e)
                 }
             };
+            self.link.down();
             match end {
                 SessionEnd::Exit => return,
                 SessionEnd::Broken(e) => {
@@ -252,12 +331,26 @@ impl Actor {
                     } else {
                         tracing::info!(error = %e, failures = self.breaker.failures(), "edge stream failed; reconnecting");
                         let delay = backoff(self.breaker.failures());
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => return,
-                            _ = tokio::time::sleep(delay) => {}
+                        if !self.pause(delay, &mut carry).await {
+                            return;
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Waits `delay`, keeping what is queued meanwhile. False if the actor should end.
+    async fn pause(&mut self, delay: Duration, carry: &mut Vec<Pending>) -> bool {
+        let until = tokio::time::Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep_until(until) => return true,
+                p = self.rx.recv() => match p {
+                    Some(p) => carry.push(p),
+                    None => return false,
+                },
             }
         }
     }
@@ -275,20 +368,6 @@ impl Actor {
                     }
                     None => return false,
                 },
-            }
-        }
-    }
-
-    /// The next event whose waiter still waits; `None` on shutdown, idle or a dropped handle.
-    async fn wait_for_work(&mut self) -> Option<Pending> {
-        loop {
-            let p = tokio::select! {
-                _ = self.shutdown.cancelled() => return None,
-                _ = tokio::time::sleep(IDLE_TIMEOUT) => return None,
-                p = self.rx.recv() => p?,
-            };
-            if !p.reply.is_closed() {
-                return Some(p);
             }
         }
     }
@@ -332,9 +411,9 @@ impl Actor {
         let ack_timeout = self.ack_timeout();
         let mut inflight: BTreeMap<u64, InFlight> = BTreeMap::new();
         let mut queued: Vec<Pending> = std::mem::take(carry);
-        let mut sweep = tokio::time::interval((ack_timeout / 4).max(Duration::from_millis(20)));
+        let mut sweep = tokio::time::interval((ack_timeout / 4).clamp(Duration::from_millis(20), HEARTBEAT / 2));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_work = Instant::now();
+        let mut last_sent = Instant::now();
         loop {
             while !queued.is_empty() {
                 let rest = queued.split_off(queued.len().min(MAX_BATCH));
@@ -344,7 +423,7 @@ impl Actor {
                     fail_all(inflight.into_values().flat_map(|b| b.replies), &e);
                     return SessionEnd::Broken(e);
                 }
-                last_work = Instant::now();
+                last_sent = Instant::now();
             }
             tokio::select! {
                 biased;
@@ -379,9 +458,11 @@ impl Actor {
                         fail_all(inflight.into_values().flat_map(|b| b.replies), &DeliveryError::Timeout);
                         return SessionEnd::Broken(DeliveryError::Timeout);
                     }
-                    if inflight.is_empty() && last_work.elapsed() >= IDLE_TIMEOUT {
-                        tracing::debug!("idle; closing the delivery stream");
-                        return SessionEnd::Exit;
+                    if inflight.is_empty() && last_sent.elapsed() >= HEARTBEAT {
+                        if let Err(e) = self.send_heartbeat(&mut session, &mut inflight, ack_timeout).await {
+                            return SessionEnd::Broken(e);
+                        }
+                        last_sent = Instant::now();
                     }
                 }
             }
@@ -435,6 +516,25 @@ impl Actor {
                 fail_all(replies, &DeliveryError::Timeout);
                 Err(DeliveryError::Timeout)
             }
+        }
+    }
+
+    /// Sends an empty batch: its ack (or its absence) tells whether the edge still answers.
+    async fn send_heartbeat(
+        &mut self,
+        session: &mut Session,
+        inflight: &mut BTreeMap<u64, InFlight>,
+        ack_timeout: Duration,
+    ) -> Result<(), DeliveryError> {
+        let batch_id = self.next_batch_id;
+        self.next_batch_id += 1;
+        match tokio::time::timeout(ack_timeout, session.tx.send(EventBatch { batch_id, events: Vec::new() })).await {
+            Ok(Ok(())) => {
+                inflight.insert(batch_id, InFlight { sent: Instant::now(), replies: Vec::new() });
+                Ok(())
+            }
+            Ok(Err(_)) => Err(DeliveryError::Stream("request stream closed".into())),
+            Err(_) => Err(DeliveryError::Timeout),
         }
     }
 

@@ -61,16 +61,34 @@ pub fn consumer_config(cfg: &NatsConfig) -> pull::Config {
     }
 }
 
-/// Gets the stream and the consumer, creating each only if it is missing.
-pub async fn ensure(jetstream: &js::Context, cfg: &NatsConfig) -> Result<PullConsumer, JetStreamError> {
-    let stream = ensure_stream(jetstream, cfg).await?;
-    ensure_consumer(&stream, cfg).await
+/// The bound consumer, with what binding it found.
+#[derive(Clone, Debug)]
+pub struct Bound {
+    pub consumer: PullConsumer,
+    /// When the stream was created, unix nanoseconds (sequences restart with a new stream).
+    pub stream_created_unix_nanos: u64,
+    /// The stream was missing and this router created it.
+    pub created_stream: bool,
+    /// The consumer was missing and this router created it.
+    pub created_consumer: bool,
 }
 
-async fn ensure_stream(jetstream: &js::Context, cfg: &NatsConfig) -> Result<stream::Stream, JetStreamError> {
+/// Gets the stream and the consumer, creating each only if it is missing.
+pub async fn ensure(jetstream: &js::Context, cfg: &NatsConfig) -> Result<Bound, JetStreamError> {
+    let (mut stream, created_stream) = ensure_stream(jetstream, cfg).await?;
+    let (consumer, created_consumer) = ensure_consumer(&stream, cfg).await?;
+    let created = match stream.info().await {
+        Ok(info) => info.created,
+        Err(_) => stream.cached_info().created,
+    };
+    let stream_created_unix_nanos = u64::try_from(created.unix_timestamp_nanos()).unwrap_or(0);
+    Ok(Bound { consumer, stream_created_unix_nanos, created_stream, created_consumer })
+}
+
+async fn ensure_stream(jetstream: &js::Context, cfg: &NatsConfig) -> Result<(stream::Stream, bool), JetStreamError> {
     let err = |reason: String| JetStreamError::Stream { stream: cfg.stream_name.clone(), reason };
     match jetstream.get_stream(&cfg.stream_name).await {
-        Ok(s) => return Ok(s),
+        Ok(s) => return Ok((s, false)),
         Err(e) if matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND) =>
             {}
         Err(e) => return Err(err(e.to_string())),
@@ -78,14 +96,16 @@ async fn ensure_stream(jetstream: &js::Context, cfg: &NatsConfig) -> Result<stre
     match jetstream.create_stream(stream_config(cfg)).await {
         Ok(s) => {
             tracing::info!(stream = %cfg.stream_name, "created the JetStream stream");
-            Ok(s)
+            Ok((s, true))
         }
         // Another replica may have created it meanwhile: use theirs as it is.
-        Err(create) => jetstream.get_stream(&cfg.stream_name).await.map_err(|_| err(create.to_string())),
+        Err(create) => {
+            jetstream.get_stream(&cfg.stream_name).await.map(|s| (s, false)).map_err(|_| err(create.to_string()))
+        }
     }
 }
 
-async fn ensure_consumer(stream: &stream::Stream, cfg: &NatsConfig) -> Result<PullConsumer, JetStreamError> {
+async fn ensure_consumer(stream: &stream::Stream, cfg: &NatsConfig) -> Result<(PullConsumer, bool), JetStreamError> {
     let err = |reason: String| JetStreamError::Consumer {
         stream: cfg.stream_name.clone(),
         consumer: cfg.consumer_name.clone(),
@@ -101,14 +121,14 @@ async fn ensure_consumer(stream: &stream::Stream, cfg: &NatsConfig) -> Result<Pu
             match stream.create_consumer(consumer_config(cfg)).await {
                 Ok(c) => {
                     tracing::info!(consumer = %cfg.consumer_name, "created the durable consumer");
-                    return Ok(c);
+                    return Ok((c, true));
                 }
                 Err(e) => tracing::debug!(error = %e, "consumer creation failed; looking it up again"),
             }
         }
         Err(e) => return Err(err(e.to_string())),
     }
-    stream.get_consumer::<pull::Config>(&cfg.consumer_name).await.map_err(|e| err(e.to_string()))
+    stream.get_consumer::<pull::Config>(&cfg.consumer_name).await.map(|c| (c, false)).map_err(|e| err(e.to_string()))
 }
 
 /// Retry delay after `attempt` failures: 200 ms doubling to 5 s, with jitter.
@@ -118,7 +138,7 @@ pub fn backoff(attempt: u32) -> Duration {
 }
 
 /// [`ensure`] until it succeeds; `None` once `shutdown` fires.
-pub async fn bind(jetstream: &js::Context, cfg: &NatsConfig, shutdown: &CancellationToken) -> Option<PullConsumer> {
+pub async fn bind(jetstream: &js::Context, cfg: &NatsConfig, shutdown: &CancellationToken) -> Option<Bound> {
     let mut attempt: u32 = 0;
     loop {
         let result = tokio::select! {

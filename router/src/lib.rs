@@ -6,6 +6,7 @@
 
 pub mod breaker;
 pub mod edge_tls;
+pub mod directory;
 pub mod edges;
 pub mod jetstream;
 pub mod metrics;
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::directory::Directory;
 use crate::edges::Edges;
 use crate::metrics::{RouterMetrics, RouterStats};
 use crate::routes::Routes;
@@ -74,16 +76,22 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
     let jetstream = jetstream::context(nats.clone());
     let metrics = Arc::new(RouterMetrics::new());
 
-    let routes = Routes::new(redis.clone(), config.clone(), metrics.clone());
-    routes.spawn_background(redis_client, shutdown.clone());
     // Edge streams outlive the pull loop so in-flight events can still be acked.
     let edges_stop = CancellationToken::new();
     let edges = Edges::new(config.clone(), metrics.clone(), edges_stop.clone());
+    let directory = Directory::new(redis.clone(), config.clone(), metrics.clone(), edges.clone());
+    directory.spawn(edges_stop.clone());
+    let routes = Routes::new(redis.clone(), config.clone(), metrics.clone(), directory.clone());
+    routes.spawn_background(redis_client, shutdown.clone());
     let (bound, bound_rx) = watch::channel(None);
     let ctx = pipeline::Ctx::new(config.clone(), routes, edges, metrics.clone(), shutdown.clone());
     let pipeline_task = tokio::spawn(pipeline::run(nats.clone(), jetstream, ctx, bound));
 
     let checks = vec![
+        health::Check::critical("edge directory", move || {
+            let loaded = directory.loaded();
+            Box::pin(async move { if loaded { Ok(()) } else { Err("not read from Redis yet".to_string()) } })
+        }),
         health::Check::redis(redis.clone()),
         health::Check::nats(nats.clone()),
         health::Check::critical("consumer", {

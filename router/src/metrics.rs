@@ -55,6 +55,19 @@ pub struct RouterMetrics {
     pub dead_members_removed: Tally,
     /// Times an edge's circuit breaker opened.
     pub circuit_opened: Tally,
+    /// Deliveries settled without reaching an edge that stayed unreachable
+    /// past `router.edge_unreachable_grace_ms` (per edge and event).
+    pub undeliverable_unreachable: Tally,
+    /// Edges whose death was confirmed (registration gone, no working stream).
+    pub dead_edges: Tally,
+    /// The stream was found missing and created again.
+    pub stream_recreated: Tally,
+    /// The durable consumer was found missing and created again.
+    pub consumer_recreated: Tally,
+    /// Messages nak'ed on their last allowed delivery (`max_deliver`).
+    pub max_deliver_exhausted: Tally,
+    /// Messages without JetStream metadata (terminated).
+    pub no_metadata: Tally,
     /// Messages pulled and not yet acked, nak'ed or terminated.
     pub in_flight: Gauge,
 }
@@ -74,6 +87,14 @@ impl RouterMetrics {
             grpc_sent: Tally::new(counter!("dws_grpc_messages_sent_total")),
             dead_members_removed: Tally::new(counter!("dws_router_dead_route_members_removed_total")),
             circuit_opened: Tally::new(counter!("dws_router_edge_circuit_opened_total")),
+            undeliverable_unreachable: Tally::new(counter!(
+                "dws_router_undeliverable_total", "reason" => "edge_unreachable"
+            )),
+            dead_edges: Tally::new(counter!("dws_router_dead_edges_total")),
+            stream_recreated: Tally::new(counter!("dws_router_jetstream_recreated_total", "object" => "stream")),
+            consumer_recreated: Tally::new(counter!("dws_router_jetstream_recreated_total", "object" => "consumer")),
+            max_deliver_exhausted: Tally::new(counter!("dws_router_max_deliver_exhausted_total")),
+            no_metadata: Tally::new(counter!("dws_router_no_metadata_total")),
             in_flight: gauge!("dws_router_in_flight_messages"),
         }
     }
@@ -91,6 +112,12 @@ impl RouterMetrics {
             grpc_sent: self.grpc_sent.get(),
             dead_members_removed: self.dead_members_removed.get(),
             circuit_opened: self.circuit_opened.get(),
+            undeliverable_unreachable: self.undeliverable_unreachable.get(),
+            dead_edges: self.dead_edges.get(),
+            stream_recreated: self.stream_recreated.get(),
+            consumer_recreated: self.consumer_recreated.get(),
+            max_deliver_exhausted: self.max_deliver_exhausted.get(),
+            no_metadata: self.no_metadata.get(),
         }
     }
 }
@@ -114,4 +141,10 @@ pub struct RouterStats {
     pub grpc_sent: u64,
     pub dead_members_removed: u64,
     pub circuit_opened: u64,
+    pub undeliverable_unreachable: u64,
+    pub dead_edges: u64,
+    pub stream_recreated: u64,
+    pub consumer_recreated: u64,
+    pub max_deliver_exhausted: u64,
+    pub no_metadata: u64,
 }

@@ -27,6 +27,10 @@ use crate::edges::{DeliveryError, Edges, Outcome};
 use crate::metrics::RouterMetrics;
 use crate::routes::{Resolution, Routes};
 
+/// How often a pull loop that receives nothing checks that its consumer
+/// still exists (an operator may have deleted it).
+const CONSUMER_CHECK: Duration = Duration::from_secs(2);
+
 /// How long one pull waits for messages before the next is issued; also the
 /// longest a stopping router keeps reading (and handing back) its last pull.
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
@@ -46,6 +50,8 @@ pub struct Ctx {
     pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
     resolve_log: LogLimiter,
+    /// Creation time of the stream currently bound (unix nanoseconds).
+    stream_created: AtomicU64,
 }
 
 impl Ctx {
@@ -64,6 +70,7 @@ impl Ctx {
             tracker: TaskTracker::new(),
             shutdown,
             resolve_log: LogLimiter::new(Duration::from_secs(5)),
+            stream_created: AtomicU64::new(0),
         })
     }
 
@@ -173,12 +180,28 @@ async fn pull(
     let shutdown = &ctx.shutdown;
     let batch_size = cfg.router.pull_batch_size.max(1) as usize;
     let mut failures: u32 = 0;
+    let mut first_bind = true;
     loop {
-        let Some(consumer) = crate::jetstream::bind(jetstream, &cfg.nats, shutdown).await else { return };
+        let Some(b) = crate::jetstream::bind(jetstream, &cfg.nats, shutdown).await else { return };
+        if !first_bind {
+            // Deleted under a running router (an operator, a migration): recreated with the configured settings.
+            if b.created_stream {
+                ctx.metrics.stream_recreated.inc();
+                tracing::warn!(stream = %cfg.nats.stream_name, "the stream was missing: recreated it");
+            }
+            if b.created_consumer {
+                ctx.metrics.consumer_recreated.inc();
+                tracing::warn!(consumer = %cfg.nats.consumer_name, "the durable consumer was missing: recreated it");
+            }
+        }
+        first_bind = false;
+        ctx.stream_created.store(b.stream_created_unix_nanos, Ordering::Relaxed);
+        let consumer = b.consumer;
         bound.send_replace(Some(consumer.clone()));
         if failures > 0 {
             tracing::info!("pulling from JetStream again");
         }
+        let mut last_check = Instant::now();
         // Short, finite pulls (not an endless pull stream): when the router
         // stops, the pull in progress is read to its end and what it still
         // brings is handed back at once, so no message waits out ack_wait.
@@ -208,6 +231,7 @@ async fn pull(
             };
             let mut handed_back = 0u32;
             let mut failed = false;
+            let mut received = 0usize;
             loop {
                 // The server ends a pull within PULL_EXPIRES; if its answer
                 // never comes (NATS restarted mid-pull), stop waiting soon.
@@ -223,6 +247,7 @@ async fn pull(
                         break;
                     }
                 };
+                received += 1;
                 let permit = tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => None,
@@ -245,6 +270,15 @@ async fn pull(
             }
             if handed_back > 0 {
                 tracing::info!(messages = handed_back, "handed messages back to JetStream");
+            }
+            if (failed || received == 0) && last_check.elapsed() >= CONSUMER_CHECK && !shutdown.is_cancelled() {
+                last_check = Instant::now();
+                let mut c = consumer.clone();
+                let info = tokio::time::timeout(crate::jetstream::API_TIMEOUT, c.info()).await;
+                if !matches!(info, Ok(Ok(_))) && daisi_common::deps::nats_connected(nats).is_ok() {
+                    tracing::warn!("the durable consumer does not answer while NATS does; binding it again");
+                    break;
+                }
             }
             if failed {
                 errors_in_row = errors_in_row.saturating_add(1);
@@ -290,7 +324,11 @@ async fn process(ctx: &Arc<Ctx>, job: Job) {
             (info.stream_sequence, info.delivered, i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0))
         }
         Err(e) => {
-            tracing::warn!(error = %e, "message without JetStream metadata; ignoring it");
+            ctx.metrics.no_metadata.inc();
+            tracing::warn!(error = %e, subject = %message.subject, "terminating a message without JetStream metadata");
+            if let Err(e) = message.ack_with(AckKind::Term).await {
+                tracing::debug!(error = %e, "could not terminate the message");
+            }
             return;
         }
     };
@@ -316,43 +354,77 @@ async fn process(ctx: &Arc<Ctx>, job: Job) {
         settle(&acker, AckKind::Term, seq).await;
         return;
     }
-    let edges = match ctx.routes.resolve(&subject).await {
-        Ok(Resolution::Edges(edges)) => edges,
-        Ok(Resolution::Rebuilding) => {
-            // An empty answer cannot be trusted yet: never ack "no route" now.
-            ctx.metrics.rebuilding_naks.inc();
-            tracing::debug!(subject = %subject_str, event_id = seq, "route registry rebuilding; retrying later");
-            settle(&acker, AckKind::Nak(Some(ctx.nak_delay())), seq).await;
-            return;
-        }
+    let retry = Retry { subject: subject_str.to_string(), seq, delivered };
+    let Resolution { edges, complete } = match ctx.routes.resolve(&subject).await {
+        Ok(r) => r,
         Err(e) => {
             ctx.metrics.resolve_errors.inc();
             if ctx.resolve_log.allow() {
                 tracing::warn!(error = %e, "route resolution failed; events are retried");
             }
-            settle(&acker, AckKind::Nak(Some(ctx.nak_delay())), seq).await;
+            nak(ctx, &acker, &retry).await;
             return;
         }
     };
     if edges.is_empty() {
-        ctx.metrics.unrouted.inc();
-        settle(&acker, AckKind::Ack, seq).await;
+        if complete {
+            ctx.metrics.unrouted.inc();
+            settle(&acker, AckKind::Ack, seq).await;
+        } else {
+            // An edge that may want it has not re-asserted yet: never ack "no route" now.
+            ctx.metrics.rebuilding_naks.inc();
+            tracing::debug!(subject = %subject_str, event_id = seq, "route registry incomplete; retrying later");
+            nak(ctx, &acker, &retry).await;
+        }
         return;
     }
-    let event = Event { subject: subject_str.to_string(), seq, published_unix_nanos, payload: message.payload.clone() };
+    let event = Event {
+        subject: subject_str.to_string(),
+        seq,
+        published_unix_nanos,
+        payload: message.payload.clone(),
+        stream_created_unix_nanos: ctx.stream_created.load(Ordering::Relaxed),
+    };
     // Queued in stream order to every edge now; the acks are awaited apart,
     // so this worker moves on to the next event at once.
     let outcomes: Vec<(Arc<str>, Outcome)> =
         edges.iter().map(|target| (target.pod.clone(), ctx.edges.deliver(target, event.clone()))).collect();
     let ctx2 = ctx.clone();
     ctx.tracker.spawn(async move {
-        complete(&ctx2, &acker, outcomes, seq).await;
+        finish(&ctx2, &acker, outcomes, &retry, complete).await;
         drop(slot);
     });
 }
 
-/// Acks once every edge accepted; naks with a delay otherwise.
-async fn complete(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, seq: u64) {
+/// What a nak needs to report a message's last allowed delivery.
+struct Retry {
+    subject: String,
+    seq: u64,
+    delivered: i64,
+}
+
+/// Naks with the delay; on the last delivery `max_deliver` allows, says so
+/// once (subject and seq, no payload) and counts it: JetStream will not
+/// deliver the message again.
+async fn nak(ctx: &Ctx, acker: &Acker, retry: &Retry) {
+    let max = ctx.config.borrow().nats.consumer_max_deliver;
+    if max > 0 && retry.delivered >= max {
+        ctx.metrics.max_deliver_exhausted.inc();
+        tracing::error!(
+            subject = %retry.subject,
+            event_id = retry.seq,
+            deliveries = retry.delivered,
+            "event given up after nats.consumer_max_deliver deliveries"
+        );
+    }
+    settle(acker, AckKind::Nak(Some(ctx.nak_delay())), retry.seq).await;
+}
+
+/// Acks once every reachable edge accepted and the answer was complete;
+/// naks with a delay otherwise. Edges unreachable past the grace are
+/// settled (counted as undeliverable), never waited for.
+async fn finish(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, retry: &Retry, complete: bool) {
+    let seq = retry.seq;
     let timeout = ctx.ack_timeout();
     let results = join_all(outcomes.into_iter().map(|(pod, outcome)| async move {
         let result = match tokio::time::timeout(timeout, outcome).await {
@@ -363,14 +435,31 @@ async fn complete(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, 
         (pod, result)
     }))
     .await;
-    let failed: Vec<_> = results.into_iter().filter_map(|(pod, r)| r.err().map(|e| (pod, e))).collect();
-    if failed.is_empty() {
-        ctx.metrics.routed.inc();
-        settle(acker, AckKind::Ack, seq).await;
-    } else {
+    let mut failed = Vec::new();
+    for (pod, result) in results {
+        match result {
+            Ok(()) => {}
+            Err(DeliveryError::Unreachable) => {
+                ctx.metrics.undeliverable_unreachable.inc();
+                tracing::debug!(%pod, event_id = seq, "edge unreachable past the grace; event settled without it");
+            }
+            Err(e) => failed.push((pod, e)),
+        }
+    }
+    if !failed.is_empty() {
         ctx.metrics.forward_retries.inc();
         tracing::debug!(event_id = seq, failed = ?failed, "not every edge accepted; redelivery after the nak delay");
-        settle(acker, AckKind::Nak(Some(ctx.nak_delay())), seq).await;
+        nak(ctx, acker, retry).await;
+    } else if !complete {
+        ctx.metrics.rebuilding_naks.inc();
+        tracing::debug!(
+            event_id = seq,
+            "delivered, but an edge that may want it has not re-asserted; redelivery later"
+        );
+        nak(ctx, acker, retry).await;
+    } else {
+        ctx.metrics.routed.inc();
+        settle(acker, AckKind::Ack, seq).await;
     }
 }
 

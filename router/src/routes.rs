@@ -1,8 +1,10 @@
 //! Route resolution: which live edges want a subject, read from the Redis
 //! route registry in one script call, with a short local cache that edges'
-//! route-change announcements invalidate, and the "registry is rebuilding"
-//! rule that keeps an event from being acked as unrouted after Redis lost
-//! its data (SPEC §11).
+//! route-change announcements invalidate, and the completeness rule that
+//! keeps an event from being acked while an edge that may want it has not
+//! re-asserted its routes (SPEC §11, decision 0014): an answer is complete
+//! only when every edge this router knows, other than those it names, has
+//! confirmed the current registry generation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,15 +19,12 @@ use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::directory::Directory;
 use crate::metrics::RouterMetrics;
 
 /// How long a resolution is reused without asking Redis again. Edges
 /// announce every change, so this only bounds the damage of a missed announcement.
 pub const CACHE_TTL: Duration = names::ROUTE_CACHE_TTL;
-
-/// Slack added to one refresh interval before a freshly marked registry
-/// counts as complete (every edge re-asserts within one interval).
-pub const REBUILD_SLACK_MS: i64 = 2000;
 
 /// Why routes could not be resolved (the message is nak'ed and retried).
 #[derive(Debug, thiserror::Error)]
@@ -47,32 +46,36 @@ pub struct EdgeTarget {
 
 /// The outcome of resolving a subject.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Resolution {
-    /// Redis recently lost its data and edges are still re-asserting: an
-    /// empty answer cannot be trusted.
-    Rebuilding,
+pub struct Resolution {
     /// The live edges that want the subject (possibly none).
-    Edges(Arc<[EdgeTarget]>),
+    pub edges: Arc<[EdgeTarget]>,
+    /// Whether every other edge that could want it has confirmed the
+    /// current registry generation. When false, the event goes to `edges`
+    /// now and is redelivered later (never acked as complete).
+    pub complete: bool,
 }
 
 /// What the route script answered.
 #[derive(Debug, PartialEq, Eq)]
 struct ScriptReply {
-    now_ms: i64,
-    marker_ms: i64,
-    pods: Vec<(String, Option<String>)>,
+    /// The registry generation ("" = missing: Redis lost its data).
+    marker: String,
+    /// Route members with their registered address ("" = no registration).
+    pods: Vec<(String, String)>,
+    /// Known edges that have not confirmed `marker`.
+    unconfirmed: Vec<String>,
 }
 
 struct CacheEntry {
     at: Instant,
-    edges: Arc<[EdgeTarget]>,
+    resolution: Resolution,
 }
 
 /// The route resolver shared by every worker.
 pub struct Routes {
     redis: ConnectionManager,
-    config: watch::Receiver<Arc<Config>>,
     metrics: Arc<RouterMetrics>,
+    directory: Arc<Directory>,
     script: Script,
     /// Keyed by the subject's route keys joined with `\n`.
     cache: DashMap<String, CacheEntry>,
@@ -88,23 +91,17 @@ pub fn route_keys(subject: &Subject<'_>) -> Vec<String> {
     }
 }
 
-/// Whether a registry with generation marker `marker_ms` (-1 = missing) is
-/// still being rebuilt at `now_ms` (Redis time).
-pub fn rebuilding(now_ms: i64, marker_ms: i64, refresh_interval_secs: u64) -> bool {
-    let window = i64::try_from(refresh_interval_secs.saturating_mul(1000)).unwrap_or(i64::MAX / 2) + REBUILD_SLACK_MS;
-    marker_ms < 0 || now_ms.saturating_sub(marker_ms) < window
-}
-
 impl Routes {
     pub fn new(
         redis: ConnectionManager,
-        config: watch::Receiver<Arc<Config>>,
+        _config: watch::Receiver<Arc<Config>>,
         metrics: Arc<RouterMetrics>,
+        directory: Arc<Directory>,
     ) -> Arc<Self> {
         Arc::new(Self {
             redis,
-            config,
             metrics,
+            directory,
             script: Script::new(scripts::RESOLVE_ROUTES),
             cache: DashMap::new(),
             epoch: AtomicU64::new(0),
@@ -177,41 +174,47 @@ impl Routes {
         if let Some(entry) = self.cache.get(&cache_key)
             && entry.at.elapsed() < CACHE_TTL
         {
-            return Ok(Resolution::Edges(entry.edges.clone()));
+            return Ok(entry.resolution.clone());
         }
         let epoch = self.epoch.load(Ordering::Acquire);
+        let loaded = self.directory.loaded();
         let mut invocation = self.script.prepare_invoke();
-        invocation.key(names::REGISTRY_GENERATION_KEY);
+        invocation.key(names::REGISTRY_GENERATION_KEY).key(names::EDGE_DIRECTORY_KEY);
         for key in &keys {
             invocation.key(key);
+        }
+        for pod in self.directory.awaited() {
+            invocation.arg(pod);
         }
         let mut conn = self.redis.clone();
         let raw: redis::Value = invocation.invoke_async(&mut conn).await?;
         let reply = parse_reply(raw)?;
-        let interval = self.config.borrow().app.ttl_refresh_interval_seconds;
-        if rebuilding(reply.now_ms, reply.marker_ms, interval) {
-            return Ok(Resolution::Rebuilding);
-        }
         let mut live = Vec::with_capacity(reply.pods.len());
         let mut dead = Vec::new();
         for (pod, addr) in reply.pods {
-            match addr {
-                Some(addr) if !addr.is_empty() => live.push(EdgeTarget { pod: pod.into(), addr: addr.into() }),
-                _ => dead.push(pod),
+            if !addr.is_empty() {
+                live.push(EdgeTarget { pod: pod.into(), addr: addr.into() });
+            } else if let Some(target) = self.directory.unregistered_target(&pod) {
+                // Registration gone (a frozen or restarted Redis) but not
+                // confirmed dead: still a member.
+                live.push(target);
+            } else if loaded && !self.directory.knows(&pod) {
+                dead.push(pod);
             }
         }
         if !dead.is_empty() {
             self.remove_dead(&mut conn, &keys, &dead).await;
         }
-        let edges: Arc<[EdgeTarget]> = live.into();
+        let complete = loaded && !reply.marker.is_empty() && reply.unconfirmed.is_empty();
+        let resolution = Resolution { edges: live.into(), complete };
         if dead.is_empty() && self.epoch.load(Ordering::Acquire) == epoch {
-            self.cache.insert(cache_key, CacheEntry { at: Instant::now(), edges: edges.clone() });
+            self.cache.insert(cache_key, CacheEntry { at: Instant::now(), resolution: resolution.clone() });
         }
-        Ok(Resolution::Edges(edges))
+        Ok(resolution)
     }
 
-    /// Removes pods whose edge registration is gone from `keys` (their
-    /// membership would otherwise linger until its own expiry).
+    /// Removes pods that have no registration and that no router knows any
+    /// more (their death was confirmed) from `keys`.
     async fn remove_dead(&self, conn: &mut ConnectionManager, keys: &[String], dead: &[String]) {
         let mut pipe = redis::pipe();
         for key in keys {
@@ -220,21 +223,11 @@ impl Routes {
         match pipe.query_async::<()>(conn).await {
             Ok(()) => {
                 self.metrics.dead_members_removed.add(dead.len() as u64);
-                tracing::info!(pods = ?dead, keys = ?keys, "dropped route members whose edge registration is gone");
+                tracing::info!(pods = ?dead, keys = ?keys, "dropped route members of dead edges");
             }
             // Harmless: the membership expires by itself and is retried next time.
             Err(e) => tracing::warn!(error = %e, "could not drop dead route members"),
         }
-    }
-}
-
-fn as_int(v: &redis::Value) -> Option<i64> {
-    match v {
-        redis::Value::Int(n) => Some(*n),
-        redis::Value::Double(d) => Some(*d as i64),
-        redis::Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
-        redis::Value::SimpleString(s) => s.parse().ok(),
-        _ => None,
     }
 }
 
@@ -247,24 +240,27 @@ fn as_string(v: redis::Value) -> Option<String> {
     }
 }
 
-/// Parses `{now_ms, marker_ms or -1, pod1, addr1 or nil, ...}`.
+/// Parses `{marker or "", {pod, addr or "", ...}, {unconfirmed pod, ...}}`.
 fn parse_reply(raw: redis::Value) -> Result<ScriptReply, RouteError> {
     let redis::Value::Array(items) = raw else {
         return Err(RouteError::Reply(format!("expected an array, got {raw:?}")));
     };
     let mut items = items.into_iter();
-    let (Some(now), Some(marker)) = (items.next(), items.next()) else {
-        return Err(RouteError::Reply("missing time and marker".into()));
+    let (Some(marker), Some(redis::Value::Array(members)), Some(redis::Value::Array(unconfirmed))) =
+        (items.next(), items.next(), items.next())
+    else {
+        return Err(RouteError::Reply("expected marker, members and unconfirmed edges".into()));
     };
-    let now_ms = as_int(&now).ok_or_else(|| RouteError::Reply(format!("bad time {now:?}")))?;
-    let marker_ms = as_int(&marker).ok_or_else(|| RouteError::Reply(format!("bad marker {marker:?}")))?;
+    let marker = as_string(marker).ok_or_else(|| RouteError::Reply("bad marker".into()))?;
     let mut pods = Vec::new();
-    while let Some(pod) = items.next() {
+    let mut members = members.into_iter();
+    while let Some(pod) = members.next() {
         let pod = as_string(pod).ok_or_else(|| RouteError::Reply("bad pod id".into()))?;
-        let addr = items.next().and_then(as_string);
+        let addr = members.next().and_then(as_string).unwrap_or_default();
         pods.push((pod, addr));
     }
-    Ok(ScriptReply { now_ms, marker_ms, pods })
+    let unconfirmed = unconfirmed.into_iter().filter_map(as_string).collect();
+    Ok(ScriptReply { marker, pods, unconfirmed })
 }
 
 #[cfg(test)]
@@ -286,34 +282,22 @@ mod tests {
     }
 
     #[test]
-    fn registry_is_rebuilding_without_a_marker_or_within_the_window() {
-        assert!(rebuilding(10_000, -1, 1));
-        assert!(rebuilding(10_000, 9_000, 1), "1 s after the marker, window is 3 s");
-        assert!(rebuilding(10_000, 7_001, 1));
-        assert!(!rebuilding(10_000, 7_000, 1));
-        assert!(!rebuilding(100_000, 0, 10));
-        assert!(rebuilding(11_999, 0, 10));
-    }
-
-    #[test]
-    fn parses_live_and_dead_pods() {
+    fn parses_members_and_unconfirmed_edges() {
+        let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         let raw = Value::Array(vec![
-            Value::Int(5000),
-            Value::Int(-1),
-            Value::BulkString(b"edge-1".to_vec()),
-            Value::BulkString(b"10.0.0.1:50051".to_vec()),
-            Value::BulkString(b"edge-2".to_vec()),
-            Value::Nil,
+            b("gen-1"),
+            Value::Array(vec![b("edge-1"), b("10.0.0.1:50051"), b("edge-2"), b("")]),
+            Value::Array(vec![b("edge-3")]),
         ]);
         assert_eq!(
             parse_reply(raw).unwrap(),
             ScriptReply {
-                now_ms: 5000,
-                marker_ms: -1,
-                pods: vec![("edge-1".into(), Some("10.0.0.1:50051".into())), ("edge-2".into(), None)],
+                marker: "gen-1".into(),
+                pods: vec![("edge-1".into(), "10.0.0.1:50051".into()), ("edge-2".into(), String::new())],
+                unconfirmed: vec!["edge-3".into()],
             }
         );
         assert!(parse_reply(Value::Int(1)).is_err());
-        assert!(parse_reply(Value::Array(vec![Value::Int(1)])).is_err());
+        assert!(parse_reply(Value::Array(vec![b("g")])).is_err());
     }
 }

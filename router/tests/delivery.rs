@@ -140,6 +140,7 @@ async fn edge_grpc_refuses_callers_without_the_internal_token() {
             seq: 1,
             published_unix_nanos: 0,
             payload: bytes::Bytes::from_static(b"{}"),
+            stream_created_unix_nanos: 0,
         }],
     };
 

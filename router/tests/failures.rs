@@ -7,9 +7,29 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use async_nats::jetstream;
 use daisi_common::names;
+use daisi_testkit::ws::WsClient;
 use serde_json::json;
 use support::*;
+
+/// Publishes on `route`'s subject (read by `client`, a live member) until
+/// the router has dropped the dead `pod` from the route.
+async fn dropped_from_route(env: &Env, js: &jetstream::Context, client: &mut WsClient, route: &str, pod: &str) {
+    let subject = names::chats_subject("c1", "a1");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let seq = publish_json(js, &subject, &json!({"probe": true})).await;
+        assert_eq!(client.event(WAIT).await["seq"], seq);
+        let mut conn = env.redis().await;
+        let score: Option<f64> = redis::cmd("ZSCORE").arg(route).arg(pod).query_async(&mut conn).await.unwrap();
+        if score.is_none() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{pod} still in {route}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
 
 const QUIET: Duration = Duration::from_millis(500);
 
@@ -174,12 +194,10 @@ async fn a_crashed_edge_does_not_stall_delivery_to_another_edge() {
     }
     assert_eq!(distinct_seqs(&mut on_survivor, 20, "survivor").await, published);
 
-    // Once the dead edge's registration expires the router drops it from the
-    // route, and everything gets acked.
+    // Unreachable past the grace, its events are settled; once its
+    // registration is gone too it is dead and dropped from the route.
     env.wait_settled().await;
-    let mut conn = env.redis().await;
-    let score: Option<f64> = redis::cmd("ZSCORE").arg(&route).arg(&doomed_pod).query_async(&mut conn).await.unwrap();
-    assert_eq!(score, None, "the dead edge was dropped from the route");
+    dropped_from_route(&env, &js, &mut on_survivor, &route, &doomed_pod).await;
     assert!(
         router.stats().forward_retries > retries_before,
         "deliveries to the dead edge failed and were retried: {:?}",
@@ -206,17 +224,8 @@ async fn an_edge_that_accepts_but_never_answers_does_not_stall_others() {
         }
     });
     let route = names::chats_route_key("c1", "a1");
+    env.register_fake_edge("ghost", &hole_addr.to_string(), &route).await;
     let mut conn = env.redis().await;
-    let now = env.redis_now_ms().await.unwrap();
-    let _: () = redis::cmd("SET")
-        .arg(names::edge_key("ghost"))
-        .arg(hole_addr.to_string())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let _: i64 = redis::cmd("ZADD").arg(&route).arg(now + 600_000).arg("ghost").query_async(&mut conn).await.unwrap();
-    let _: i64 =
-        redis::cmd("PUBLISH").arg(names::ROUTE_CHANGES_CHANNEL).arg(&route).query_async(&mut conn).await.unwrap();
 
     let js = env.js().await;
     let subject = names::chats_subject("c1", "a1");
@@ -231,9 +240,11 @@ async fn an_edge_that_accepts_but_never_answers_does_not_stall_others() {
     })
     .await;
 
-    // The ghost's registration goes away: the router drops it and acks.
+    // The ghost's registration goes away: with no working stream either,
+    // the router confirms its death, drops it and acks.
     let _: i64 = redis::cmd("DEL").arg(names::edge_key("ghost")).query_async(&mut conn).await.unwrap();
     env.wait_settled().await;
+    dropped_from_route(&env, &js, &mut u, &route, "ghost").await;
     let score: Option<f64> = redis::cmd("ZSCORE").arg(&route).arg("ghost").query_async(&mut conn).await.unwrap();
     assert_eq!(score, None, "the unregistered pod was dropped from the route");
     u.expect_silence(QUIET).await;

@@ -123,6 +123,12 @@ impl<S: Spec> Managed<S> {
         }
     }
 
+    fn signal(&self, sig: &str) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(child.id().to_string()).status();
+        }
+    }
+
     fn restart(&mut self) {
         self.kill_now();
         let mut last = String::new();
@@ -226,6 +232,15 @@ impl RedisServer {
     /// Starts again, empty, on the same port (kills first if running).
     pub fn restart(&mut self) {
         self.0.restart();
+    }
+    /// SIGSTOP: frozen with its data (a paused VM, a stuck failover); its
+    /// clock moves on, so keys expire the moment it resumes.
+    pub fn freeze(&self) {
+        self.0.signal("STOP");
+    }
+    /// SIGCONT after [`RedisServer::freeze`].
+    pub fn thaw(&self) {
+        self.0.signal("CONT");
     }
 }
 

@@ -98,19 +98,58 @@ impl Env {
         Some(secs * 1000 + micros / 1000)
     }
 
-    /// Waits until the edges marked the route registry complete and the
-    /// rebuild window passed (before that the router naks instead of
+    /// Waits until every registered edge has confirmed the current
+    /// registry generation (before that the router naks instead of
     /// declaring "no route").
     pub async fn wait_registry_complete(&self) {
-        let window = self.base.app.ttl_refresh_interval_seconds as i64 * 1000 + 2000;
         eventually(WAIT, "route registry complete", || async {
             let mut conn = self.redis().await;
-            let marker: Option<i64> =
+            let marker: Option<String> =
                 redis::cmd("GET").arg(names::REGISTRY_GENERATION_KEY).query_async(&mut conn).await.ok()?;
-            let now = self.redis_now_ms().await?;
-            (now - marker? >= window).then_some(())
+            let marker = marker?;
+            let pods: Vec<String> =
+                redis::cmd("HKEYS").arg(names::EDGE_DIRECTORY_KEY).query_async(&mut conn).await.ok()?;
+            for pod in pods {
+                let (addr, generation): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                    .arg(names::edge_key(&pod))
+                    .arg("addr")
+                    .arg("gen")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                if addr.is_some() && generation.as_deref() != Some(marker.as_str()) {
+                    return None;
+                }
+            }
+            Some(())
         })
         .await
+    }
+
+    /// Registers a fake edge `pod` at `addr` (as an edge would) and adds it to route `key`.
+    pub async fn register_fake_edge(&self, pod: &str, addr: &str, key: &str) {
+        let mut conn = self.redis().await;
+        let now = self.redis_now_ms().await.expect("redis time");
+        let marker: Option<String> =
+            redis::cmd("GET").arg(names::REGISTRY_GENERATION_KEY).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("HSET")
+            .arg(names::edge_key(pod))
+            .arg("addr")
+            .arg(addr)
+            .arg("boot")
+            .arg("fake")
+            .arg("gen")
+            .arg(marker.unwrap_or_default())
+            .arg("canary")
+            .arg("unknown")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () =
+            redis::cmd("HSET").arg(names::EDGE_DIRECTORY_KEY).arg(pod).arg(addr).query_async(&mut conn).await.unwrap();
+        let _: i64 = redis::cmd("ZADD").arg(key).arg(now + 600_000).arg(pod).query_async(&mut conn).await.unwrap();
+        let _: i64 =
+            redis::cmd("PUBLISH").arg(names::ROUTE_CHANGES_CHANNEL).arg(key).query_async(&mut conn).await.unwrap();
     }
 
     /// Waits until `pod` is a live member of route `key`.
