@@ -880,6 +880,14 @@ async fn route_writer(
                 Err(e) => result = Err(RouteError(e.to_string())),
             }
         }
+        if result.is_err() {
+            // Never swallowed: this edge no longer vouches for the registry
+            // (routers wait for it rather than ack "no route"), and the
+            // refresh pass writes what is still wanted now, retrying every
+            // second while Redis fails, then confirms again.
+            p.set_confirmed(None);
+            p.refresh_now.notify_one();
+        }
         for tx in waiters {
             let _ = tx.send(match &result {
                 Ok(()) => Ok(()),
