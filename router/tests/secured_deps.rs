@@ -62,19 +62,32 @@ fn redis_with_acl() -> CustomServer {
     })
 }
 
-/// Waits until the edges marked the route registry complete and the rebuild
-/// window passed (before that the router naks instead of declaring "no route").
+/// Waits until every registered edge has confirmed the current registry
+/// generation (before that the router naks instead of declaring "no route").
 async fn wait_registry_complete(config: &Config) {
     let client = daisi_common::deps::redis_client(&config.redis).expect("redis client");
     let conn = daisi_common::deps::redis_manager(client).expect("redis connection");
-    let window = config.app.ttl_refresh_interval_seconds as i64 * 1000 + 2000;
     eventually(WAIT, "route registry complete", || {
         let mut conn = conn.clone();
         async move {
-            let marker: Option<i64> =
+            let marker: Option<String> =
                 redis::cmd("GET").arg(names::REGISTRY_GENERATION_KEY).query_async(&mut conn).await.ok()?;
-            let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.ok()?;
-            (secs * 1000 + micros / 1000 - marker? >= window).then_some(())
+            let marker = marker?;
+            let pods: Vec<String> =
+                redis::cmd("HKEYS").arg(names::EDGE_DIRECTORY_KEY).query_async(&mut conn).await.ok()?;
+            for pod in pods {
+                let (addr, generation): (Option<String>, Option<String>) = redis::cmd("HMGET")
+                    .arg(names::edge_key(&pod))
+                    .arg("addr")
+                    .arg("gen")
+                    .query_async(&mut conn)
+                    .await
+                    .ok()?;
+                if addr.is_some() && generation.as_deref() != Some(marker.as_str()) {
+                    return None;
+                }
+            }
+            Some(())
         }
     })
     .await
