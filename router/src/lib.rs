@@ -5,8 +5,8 @@
 #![forbid(unsafe_code)]
 
 pub mod breaker;
-pub mod edge_tls;
 pub mod directory;
+pub mod edge_tls;
 pub mod edges;
 pub mod jetstream;
 pub mod metrics;
