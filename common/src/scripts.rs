@@ -172,3 +172,16 @@ for _, pod in ipairs(ARGV) do
 end
 return {marker or '', members, unconfirmed}
 "#;
+
+/// Whether the registry is complete as an operator (or a test) sees it: the
+/// generation marker exists and every registered edge in the directory has
+/// confirmed it. KEYS[1] marker, KEYS[2] directory. Returns 1 or 0.
+pub const REGISTRY_CONFIRMED: &str = r#"
+local marker = redis.call('GET', KEYS[1])
+if not marker then return 0 end
+for _, pod in ipairs(redis.call('HKEYS', KEYS[2])) do
+  local reg = redis.call('HMGET', 'edge:' .. pod, 'addr', 'gen')
+  if reg[1] and reg[2] ~= marker then return 0 end
+end
+return 1
+"#;

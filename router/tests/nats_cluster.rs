@@ -43,14 +43,16 @@ async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<usize> {
 async fn wait_registry_complete(config: &Config) {
     let client = daisi_common::deps::redis_client(&config.redis).expect("redis client");
     let conn = daisi_common::deps::redis_manager(client).expect("redis connection");
-    let window = config.app.ttl_refresh_interval_seconds as i64 * 1000 + 2000;
     eventually(WAIT, "route registry complete", || {
         let mut conn = conn.clone();
         async move {
-            let marker: Option<i64> =
-                redis::cmd("GET").arg(names::REGISTRY_GENERATION_KEY).query_async(&mut conn).await.ok()?;
-            let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.ok()?;
-            (secs * 1000 + micros / 1000 - marker? >= window).then_some(())
+            let confirmed: i64 = redis::Script::new(daisi_common::scripts::REGISTRY_CONFIRMED)
+                .key(names::REGISTRY_GENERATION_KEY)
+                .key(names::EDGE_DIRECTORY_KEY)
+                .invoke_async(&mut conn)
+                .await
+                .ok()?;
+            (confirmed == 1).then_some(())
         }
     })
     .await

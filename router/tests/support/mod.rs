@@ -104,24 +104,13 @@ impl Env {
     pub async fn wait_registry_complete(&self) {
         eventually(WAIT, "route registry complete", || async {
             let mut conn = self.redis().await;
-            let marker: Option<String> =
-                redis::cmd("GET").arg(names::REGISTRY_GENERATION_KEY).query_async(&mut conn).await.ok()?;
-            let marker = marker?;
-            let pods: Vec<String> =
-                redis::cmd("HKEYS").arg(names::EDGE_DIRECTORY_KEY).query_async(&mut conn).await.ok()?;
-            for pod in pods {
-                let (addr, generation): (Option<String>, Option<String>) = redis::cmd("HMGET")
-                    .arg(names::edge_key(&pod))
-                    .arg("addr")
-                    .arg("gen")
-                    .query_async(&mut conn)
-                    .await
-                    .ok()?;
-                if addr.is_some() && generation.as_deref() != Some(marker.as_str()) {
-                    return None;
-                }
-            }
-            Some(())
+            let confirmed: i64 = redis::Script::new(daisi_common::scripts::REGISTRY_CONFIRMED)
+                .key(names::REGISTRY_GENERATION_KEY)
+                .key(names::EDGE_DIRECTORY_KEY)
+                .invoke_async(&mut conn)
+                .await
+                .ok()?;
+            (confirmed == 1).then_some(())
         })
         .await
     }
