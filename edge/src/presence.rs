@@ -792,6 +792,10 @@ impl Presence {
                     interval
                 }
                 Err(e) => {
+                    // What Redis now holds is unknown (a command that timed
+                    // out may still run later, e.g. after a freeze): vouch
+                    // for nothing until a whole pass succeeds again.
+                    self.set_confirmed(None);
                     // Retry at least every second, so a returning Redis is
                     // re-asserted within about a second, however long it was gone.
                     let b = backoff.get_or_insert_with(|| {
