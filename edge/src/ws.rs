@@ -62,6 +62,11 @@ const POLICY_VIOLATION: u16 = 1008;
 /// requests, deadlines, client messages).
 const WRITE_BATCH: usize = 32;
 
+/// Bytes of events handed to the writer per turn: past it the rest stays in
+/// the socket's queue, where the drop and block policies see it (a writer
+/// holding much would hide a reader that stopped).
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
 /// `GET /ws/{company}/{agent}`
 pub async fn user(
     State(state): State<Arc<EdgeState>>,
@@ -625,8 +630,13 @@ impl Conn {
         // Nothing more is taken from the queue while the kernel is full, so
         // the queue (and its drop/block policy) still sees a slow reader.
         ready!(tx.poll_urgent(cx))?;
+        let mut bytes = 0;
         for _ in 0..WRITE_BATCH {
+            if bytes >= WRITE_BATCH_BYTES {
+                break;
+            }
             let Some(out) = self.shared().pop() else { break };
+            bytes += out.frame.len();
             tx.start(out.frame);
             metrics.messages_sent.increment(1);
             if out.compressed {

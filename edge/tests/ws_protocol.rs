@@ -260,7 +260,15 @@ async fn block_closes_a_stuck_socket_with_1013_and_never_delays_others() {
     }
     let seqs = reader.await.unwrap();
     assert_eq!(seqs, (1..=total).collect::<Vec<_>>(), "the reading socket gets everything, in order");
-    // The stuck socket got no drops, only a 1013 once its queue stayed full.
+    // The stuck socket still reads nothing: the edge must close it as too slow
+    // (its queue stays over capacity past the block timeout). How long the
+    // reading socket took does not matter; only then does the stuck one read.
+    let deadline = tokio::time::Instant::now() + T;
+    while metric(&edge.metrics().await, "dws_connections_closed_slow_total") < 1.0 {
+        assert!(tokio::time::Instant::now() < deadline, "the stuck socket was never closed as too slow");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // It got no drops, only a 1013 after what was already on its way.
     let mut last = 0;
     loop {
         match stuck.next(T).await {
