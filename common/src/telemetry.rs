@@ -50,6 +50,11 @@ pub fn metrics_handle() -> PrometheusHandle {
             // Another recorder may already be installed (never in our binaries);
             // the handle still renders what this recorder saw.
             let _ = metrics::set_global_recorder(recorder);
+            // Series of both binaries that exist from start, at zero (alerts
+            // and rate() need them before the first increment).
+            for result in ["applied", "rejected"] {
+                metrics::counter!("dws_config_reloads_total", "result" => result).increment(0);
+            }
             handle
         })
         .clone()
