@@ -40,6 +40,11 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// Bound on dialing an edge.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// An edge unreachable past the grace is dialled again when an event for it
+/// arrives (its route says it may be back, e.g. restarted), at most this
+/// often; its events are settled only once such a fresh attempt failed.
+const RETRY_ON_EVENT_EVERY: Duration = Duration::from_secs(1);
+
 /// Why an event was not accepted by an edge (the message is nak'ed).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliveryError {
@@ -149,10 +154,6 @@ impl Edges {
         edges
     }
 
-    fn grace(&self) -> Duration {
-        Duration::from_millis(self.config.borrow().router.edge_unreachable_grace_ms)
-    }
-
     /// Makes sure an actor (and so a stream) exists for `target`.
     pub fn ensure(&self, target: &EdgeTarget) {
         self.handle(target);
@@ -170,18 +171,14 @@ impl Edges {
 
     /// Queues `event` for `target` without waiting; events queued for one
     /// edge are sent in the order they were queued. An edge unreachable past
-    /// the grace fails at once with [`DeliveryError::Unreachable`].
+    /// the grace fails with [`DeliveryError::Unreachable`] once a connection
+    /// attempt made after the event arrived (or within the last second) failed.
     pub fn deliver(&self, target: &EdgeTarget, event: Event) -> Outcome {
         let (reply, outcome) = oneshot::channel();
         let mut pending = Pending { event, reply };
-        let grace = self.grace();
         // Twice: the actor may have just ended between lookup and send.
         for _ in 0..2 {
             let handle = self.handle(target);
-            if handle.link.down_for().is_some_and(|d| d >= grace) {
-                let _ = pending.reply.send(Err(DeliveryError::Unreachable));
-                return outcome;
-            }
             match handle.tx.send(pending) {
                 Ok(()) => return outcome,
                 Err(mpsc::error::SendError(p)) => {
@@ -227,6 +224,7 @@ impl Edges {
             metrics: self.metrics.clone(),
             breaker: Breaker::default(),
             next_batch_id: 1,
+            last_attempt: None,
             shutdown: self.shutdown.clone(),
         };
         let span = tracing::info_span!("edge_client", pod = %target.pod, addr = %target.addr);
@@ -262,6 +260,8 @@ struct Actor {
     metrics: Arc<RouterMetrics>,
     breaker: Breaker,
     next_batch_id: u64,
+    /// When the edge was last dialled.
+    last_attempt: Option<Instant>,
     shutdown: CancellationToken,
 }
 
@@ -299,20 +299,23 @@ impl Actor {
         let mut carry: Vec<Pending> = Vec::new();
         loop {
             if let Some(until) = self.breaker.open_until(Instant::now()) {
-                fail_all(carry.drain(..).map(|p| p.reply), &DeliveryError::CircuitOpen);
-                if !self.fail_fast_until(until).await {
+                let error = self.failure(DeliveryError::CircuitOpen);
+                fail_all(carry.drain(..).map(|p| p.reply), &error);
+                if !self.fail_fast_until(until, &mut carry).await {
                     return;
                 }
                 tracing::debug!("circuit half-open: trying the edge again");
             }
             // Connected whether or not there is work: the open stream is the
             // proof that the edge lives.
+            self.last_attempt = Some(Instant::now());
             let end = match self.connect().await {
                 Ok(session) => {
                     self.link.up();
                     self.serve(session, &mut carry).await
                 }
                 Err(e) => {
+                    let e = self.failure(e);
                     fail_all(carry.drain(..).map(|p| p.reply), &e);
                     // Also what queued up while dialing: fail it now rather than at its timeout.
                     while let Ok(p) = self.rx.try_recv() {
@@ -356,7 +359,20 @@ impl Actor {
     }
 
     /// Fails every event queued until `until`. False if the actor should end.
-    async fn fail_fast_until(&mut self, until: Instant) -> bool {
+    /// What a failed delivery attempt reports: [`DeliveryError::Unreachable`]
+    /// (the event is settled) once the edge has had no working stream for
+    /// the grace, else `error` (the event is retried).
+    fn failure(&self, error: DeliveryError) -> DeliveryError {
+        let grace = Duration::from_millis(self.config.borrow().router.edge_unreachable_grace_ms);
+        if self.link.down_for().is_some_and(|d| d >= grace) { DeliveryError::Unreachable } else { error }
+    }
+
+    /// Fails events fast while the breaker is open, until `until`. An event
+    /// for an edge down past the grace ends the wait early (at most once per
+    /// `RETRY_ON_EVENT_EVERY`): its route names the edge, which may be back,
+    /// so it is dialled before the event is given up. False if the actor
+    /// should end.
+    async fn fail_fast_until(&mut self, until: Instant, carry: &mut Vec<Pending>) -> bool {
         let until = tokio::time::Instant::from_std(until);
         loop {
             tokio::select! {
@@ -364,7 +380,14 @@ impl Actor {
                 _ = tokio::time::sleep_until(until) => return true,
                 p = self.rx.recv() => match p {
                     Some(p) => {
-                        let _ = p.reply.send(Err(DeliveryError::CircuitOpen));
+                        let error = self.failure(DeliveryError::CircuitOpen);
+                        let retry_now = error == DeliveryError::Unreachable
+                            && self.last_attempt.is_none_or(|t| t.elapsed() >= RETRY_ON_EVENT_EVERY);
+                        if retry_now {
+                            carry.push(p);
+                            return true;
+                        }
+                        let _ = p.reply.send(Err(error));
                     }
                     None => return false,
                 },
