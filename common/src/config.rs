@@ -253,9 +253,12 @@ pub enum DeliverPolicy {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `host:port` or a `redis://` / `rediss://` URL (may carry `user:password@`, shown masked).
-    #[serde(serialize_with = "crate::endpoints::serialize_masked_urls")]
+    /// `host:port` or a `redis://` / `rediss://` URL (may carry `user:password@`, shown masked);
+    /// in cluster mode a list of nodes (YAML list or comma-separated), any of which may be down.
+    #[serde(serialize_with = "crate::endpoints::serialize_masked_urls", deserialize_with = "string_or_list")]
     pub address: String,
+    /// `standalone` (one Redis) or `cluster` (a Redis Cluster; hash-tagged keys, decision 0027).
+    pub mode: RedisMode,
     /// ACL user name (`AUTH user password`); wins over one in the URL.
     pub username: String,
     /// Password (`AUTH`); wins over one in the URL.
@@ -272,6 +275,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             address: "127.0.0.1:6379".into(),
+            mode: RedisMode::Standalone,
             username: String::new(),
             password: Secret::default(),
             tls_ca_file: String::new(),
@@ -294,11 +298,54 @@ impl std::fmt::Debug for RedisConfig {
     }
 }
 
+/// How the product talks to Redis (decision 0027).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisMode {
+    /// One Redis server (or a proxy that looks like one): the SPEC's key names.
+    #[default]
+    Standalone,
+    /// A Redis Cluster: `redis.address` lists seed nodes, keys carry hash tags.
+    Cluster,
+}
+
 impl RedisConfig {
-    /// The address as a `redis://` URL.
+    /// The first address as a `redis://` URL.
     pub fn url(&self) -> String {
-        if self.address.contains("://") { self.address.clone() } else { format!("redis://{}", self.address) }
+        self.urls().into_iter().next().unwrap_or_default()
     }
+
+    /// Every address of the list as a `redis://` (or `rediss://`) URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.address
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| if a.contains("://") { a.to_string() } else { format!("redis://{a}") })
+            .collect()
+    }
+
+    /// The key layout of the mode.
+    pub fn key_layout(&self) -> crate::names::KeyLayout {
+        match self.mode {
+            RedisMode::Standalone => crate::names::KeyLayout::Standalone,
+            RedisMode::Cluster => crate::names::KeyLayout::Cluster,
+        }
+    }
+}
+
+/// A string, or a list of strings joined with commas (`redis.address`).
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s,
+        OneOrMany::Many(v) => v.iter().map(|s| s.trim()).collect::<Vec<_>>().join(","),
+    })
 }
 
 /// API keys, token keys and the internal gRPC secret. Reloadable.
@@ -1088,5 +1135,43 @@ mod tests {
         assert_eq!(t.ttl_seconds(99, 10), 30);
         assert_eq!(t.ttl_seconds(99, 500), 15);
         assert_eq!(AdaptiveTtl { enabled: false, ..t }.ttl_seconds(99, 10), 99);
+    }
+
+    #[test]
+    fn redis_cluster_takes_a_list_of_nodes() {
+        let yaml =
+            format!("{}redis:\n  mode: cluster\n  address:\n    - 10.0.0.1:7000\n    - 10.0.0.2:7000\n", good_yaml());
+        let c = load(&yaml, &[], Role::Edge).unwrap();
+        assert_eq!(c.redis.mode, RedisMode::Cluster);
+        assert_eq!(c.redis.urls(), vec!["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"]);
+        assert_eq!(c.redis.key_layout(), crate::names::KeyLayout::Cluster);
+        // The same from the environment, comma-separated.
+        let c = load(
+            &good_yaml(),
+            &[("DAISI_WS_REDIS_MODE", "cluster"), ("DAISI_WS_REDIS_ADDRESS", "a:1, rediss://u:pw@b:2")],
+            Role::Edge,
+        );
+        assert_eq!(c.unwrap_err().key, "redis.address", "rediss and redis mixed");
+        let c = load(
+            &good_yaml(),
+            &[("DAISI_WS_REDIS_MODE", "cluster"), ("DAISI_WS_REDIS_ADDRESS", "rediss://u:pw@a:1,rediss://u:pw@b:2")],
+            Role::Edge,
+        )
+        .unwrap();
+        assert_eq!(c.redis.urls().len(), 2);
+        assert!(!format!("{:?}", c.redis).contains("pw"), "passwords of every node are masked");
+        // Standalone is the default and takes one address.
+        let e = load(&good_yaml(), &[("DAISI_WS_REDIS_ADDRESS", "a:1,b:2")], Role::Edge).unwrap_err();
+        assert_eq!(e.key, "redis.address");
+        assert!(e.to_string().contains("redis.mode: cluster"), "{e}");
+        for bad in ["a:1,,b:2", "redis://u:p@a:1,redis://u:q@b:2"] {
+            let e =
+                load(&good_yaml(), &[("DAISI_WS_REDIS_MODE", "cluster"), ("DAISI_WS_REDIS_ADDRESS", bad)], Role::Edge)
+                    .unwrap_err();
+            assert_eq!(e.key, "redis.address", "{bad}");
+            assert!(!e.to_string().contains(":q@"), "{e}");
+        }
+        let e = load(&good_yaml(), &[("DAISI_WS_REDIS_MODE", "sharded")], Role::Edge).unwrap_err();
+        assert!(e.key.contains("redis"), "{e}");
     }
 }

@@ -23,12 +23,28 @@ pub enum DepsError {
 /// Timeout applied to every Redis command, so a hung server is an error, not a stall.
 pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The Redis client for `config` (also used for pub/sub connections): `AUTH`
-/// with `redis.username`/`redis.password` when set (they win over the URL's),
+/// The Redis client for the first node of `config` (in standalone mode, the
+/// one server; also used for pub/sub connections): `AUTH` with
+/// `redis.username`/`redis.password` when set (they win over the URL's),
 /// `rediss://` with the configured CA and client certificate.
 pub fn redis_client(config: &RedisConfig) -> Result<redis::Client, DepsError> {
+    redis_node_client(config, &config.url())
+}
+
+/// [`redis_client`] for one node `url` of the list.
+fn redis_node_client(config: &RedisConfig, url: &str) -> Result<redis::Client, DepsError> {
+    let info = connection_info(config, url)?;
+    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
+    if !tls {
+        return redis::Client::open(info).map_err(DepsError::Redis);
+    }
+    redis::Client::build_with_tls(info, tls_certificates(config)?).map_err(DepsError::Redis)
+}
+
+/// `url` with `redis.username`/`redis.password` applied.
+fn connection_info(config: &RedisConfig, url: &str) -> Result<redis::ConnectionInfo, DepsError> {
     use redis::IntoConnectionInfo;
-    let info = config.url().as_str().into_connection_info().map_err(DepsError::Redis)?;
+    let info = url.into_connection_info().map_err(DepsError::Redis)?;
     let mut settings = info.redis_settings().clone();
     if !config.username.is_empty() {
         settings = settings.set_username(&config.username);
@@ -36,11 +52,11 @@ pub fn redis_client(config: &RedisConfig) -> Result<redis::Client, DepsError> {
     if !config.password.is_empty() {
         settings = settings.set_password(config.password.expose());
     }
-    let info = info.set_redis_settings(settings);
-    let tls = matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. });
-    if !tls {
-        return redis::Client::open(info).map_err(DepsError::Redis);
-    }
+    Ok(info.set_redis_settings(settings))
+}
+
+/// The CA and client certificate of `rediss://` connections.
+fn tls_certificates(config: &RedisConfig) -> Result<redis::TlsCertificates, DepsError> {
     let read = |key: &'static str, path: &str| {
         std::fs::read(path).map_err(|e| DepsError::Setting { key, message: format!("cannot read {path}: {e}") })
     };
@@ -54,7 +70,7 @@ pub fn redis_client(config: &RedisConfig) -> Result<redis::Client, DepsError> {
             client_key: read("redis.tls_key_file", &config.tls_key_file)?,
         })
     };
-    redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls, root_cert }).map_err(DepsError::Redis)
+    Ok(redis::TlsCertificates { client_tls, root_cert })
 }
 
 /// A multiplexed Redis connection that connects on first use and reconnects
@@ -67,6 +83,167 @@ pub fn redis_manager(client: redis::Client) -> Result<ConnectionManager, DepsErr
         .set_max_delay(Duration::from_secs(2))
         .set_number_of_retries(3);
     ConnectionManager::new_lazy_with_config(client, cfg).map_err(DepsError::Redis)
+}
+
+/// One multiplexed connection to Redis, whichever `redis.mode`: product code
+/// sends commands through it without knowing the mode, and names keys
+/// through [`Redis::keys`]. Cheap to clone.
+#[derive(Clone)]
+pub enum RedisConn {
+    /// One server, reconnecting by itself ([`redis_manager`]).
+    Standalone(ConnectionManager),
+    /// A Redis Cluster (redis-rs `cluster-async`): commands go to the node
+    /// owning their slot, follow `MOVED`/`ASK` and failovers.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// Commands refused for crossing slots (every one is a bug: keys of one
+/// script or pipeline must share a hash tag). Tests assert it stays zero.
+static CROSS_SLOT_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many commands this process sent that Redis (or the cluster client)
+/// refused for crossing slots.
+pub fn cross_slot_errors() -> u64 {
+    CROSS_SLOT_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn note_cross_slot<T>(result: &redis::RedisResult<T>) {
+    if let Err(e) = result {
+        let text = e.to_string();
+        if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::CrossSlot)
+            || text.contains("CROSSSLOT")
+            || text.contains("non local key")
+        {
+            CROSS_SLOT_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("dws_redis_cross_slot_errors_total").increment(1);
+            tracing::error!(error = %e, "redis refused a command for crossing hash slots (a key layout bug)");
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let result = match self {
+                RedisConn::Standalone(c) => c.req_packed_command(cmd).await,
+                RedisConn::Cluster(c) => c.req_packed_command(cmd).await,
+            };
+            note_cross_slot(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            let result = match self {
+                RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count).await,
+                RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count).await,
+            };
+            note_cross_slot(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Standalone(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Redis as the edge and the router use it: the command connection, the
+/// key layout of the mode, and the nodes pub/sub subscriptions may use.
+#[derive(Clone)]
+pub struct Redis {
+    /// Commands.
+    pub conn: RedisConn,
+    /// Stored key names ([`crate::names::KeyLayout`]).
+    pub keys: crate::names::KeyLayout,
+    /// Pub/sub: one client per listed node. A classic `PUBLISH` reaches
+    /// every node of a Redis Cluster, so a subscriber needs any one of
+    /// them; [`subscribe_forever`] moves to the next when one fails.
+    pub pubsub: PubSubNodes,
+}
+
+/// The nodes a subscription may use, tried in turn.
+#[derive(Clone)]
+pub struct PubSubNodes(Vec<redis::Client>);
+
+impl From<redis::Client> for PubSubNodes {
+    fn from(client: redis::Client) -> Self {
+        Self(vec![client])
+    }
+}
+
+/// One pipeline per hash slot of the stored `keys` (one pipeline in
+/// standalone), sent concurrently on the multiplexed connection: `add`
+/// appends the commands for one key. Returns each pipeline's reply.
+pub async fn pipeline_per_slot<T: redis::FromRedisValue>(
+    conn: &RedisConn,
+    keys: crate::names::KeyLayout,
+    stored: Vec<String>,
+    add: impl Fn(&mut redis::Pipeline, &str),
+) -> redis::RedisResult<Vec<T>> {
+    let groups = keys.by_slot(stored, |k| k.as_str());
+    futures_util::future::try_join_all(groups.into_iter().map(|group| {
+        let mut conn = conn.clone();
+        let mut pipe = redis::pipe();
+        for key in &group {
+            add(&mut pipe, key);
+        }
+        async move { pipe.query_async::<T>(&mut conn).await }
+    }))
+    .await
+}
+
+/// Opens Redis for `config` in its `redis.mode`. Connects lazily: a server
+/// that is down now is an error of the first commands, not of this call.
+pub fn redis(config: &RedisConfig) -> Result<Redis, DepsError> {
+    let urls = config.urls();
+    let pubsub = PubSubNodes(urls.iter().map(|u| redis_node_client(config, u)).collect::<Result<_, _>>()?);
+    let conn = match config.mode {
+        crate::config::RedisMode::Standalone => {
+            let client = pubsub
+                .0
+                .first()
+                .cloned()
+                .ok_or_else(|| DepsError::Setting { key: "redis.address", message: "must be set".into() })?;
+            RedisConn::Standalone(redis_manager(client)?)
+        }
+        crate::config::RedisMode::Cluster => RedisConn::Cluster(redis_cluster(config, &urls)?),
+    };
+    Ok(Redis { conn, keys: config.key_layout(), pubsub })
+}
+
+/// A cluster connection seeded with every listed node. Retries (a moved
+/// slot, a failover in progress) are short and the whole request is
+/// bounded like a standalone one, so a lost master is an error within
+/// [`REDIS_RESPONSE_TIMEOUT`], retried by the caller, not a stall.
+fn redis_cluster(config: &RedisConfig, urls: &[String]) -> Result<redis::cluster_async::ClusterConnection, DepsError> {
+    let nodes = urls.iter().map(|u| connection_info(config, u)).collect::<Result<Vec<_>, _>>()?;
+    let tls = urls.iter().any(|u| u.starts_with("rediss://"));
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+        .connection_timeout(Duration::from_secs(2))
+        .response_timeout(REDIS_RESPONSE_TIMEOUT)
+        .overall_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+        .retries(6)
+        .min_retry_wait(20)
+        .max_retry_wait(400)
+        .retry_wait_formula(25, 2);
+    if tls && (!config.tls_ca_file.is_empty() || !config.tls_cert_file.is_empty()) {
+        builder = builder.certs(tls_certificates(config)?);
+    }
+    let client = builder.build().map_err(DepsError::Redis)?;
+    let cfg = redis::cluster::ClusterConfig::new()
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(REDIS_RESPONSE_TIMEOUT);
+    Ok(client.get_pending_async_connection_with_config(cfg))
 }
 
 /// How often the NATS client pings its server. Three unanswered pings (about
@@ -140,8 +317,8 @@ pub fn jitter_ms(max_ms: u64) -> u64 {
     h.finish() % max_ms
 }
 
-/// Redis answers PING within a second.
-pub async fn redis_ping(conn: &ConnectionManager) -> Result<(), String> {
+/// Redis answers PING within a second (in cluster mode: every master).
+pub async fn redis_ping(conn: &RedisConn) -> Result<(), String> {
     let mut conn = conn.clone();
     match tokio::time::timeout(Duration::from_secs(1), redis::cmd("PING").query_async::<String>(&mut conn)).await {
         Ok(Ok(_)) => Ok(()),
@@ -163,7 +340,7 @@ pub fn nats_connected(client: &async_nats::Client) -> Result<(), String> {
 /// payload. `on_reconnect` runs after every (re)subscription, so callers can
 /// resynchronise what they may have missed while disconnected.
 pub async fn subscribe_forever(
-    client: redis::Client,
+    nodes: PubSubNodes,
     channel: &'static str,
     shutdown: tokio_util::sync::CancellationToken,
     on_message: impl Fn(String) + Send + Sync,
@@ -171,7 +348,13 @@ pub async fn subscribe_forever(
 ) {
     use futures_util::StreamExt;
     let mut attempt: u32 = 0;
+    let mut node = 0usize;
+    let count = nodes.0.len();
+    if count == 0 {
+        return;
+    }
     loop {
+        let client = &nodes.0[node % count];
         let session = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
@@ -208,6 +391,9 @@ pub async fn subscribe_forever(
                 }
             }
         }
+        // Another node of the list next (a Redis Cluster broadcasts every
+        // PUBLISH to all its nodes; standalone has one).
+        node = node.wrapping_add(1);
         attempt = attempt.saturating_add(1);
         let delay = Duration::from_millis(50u64.saturating_mul(1 << attempt.min(6)).min(2000) + jitter_ms(100));
         tokio::select! {

@@ -191,17 +191,43 @@ pub fn validate(config: &Config) -> Result<(), (String, String)> {
     }
 
     let r = &config.redis;
-    let split = split_userinfo(&r.address);
-    if r.address.contains("://") {
-        let scheme = r.address.split("://").next().unwrap_or_default();
-        if scheme != "redis" && scheme != "rediss" {
-            return err("redis.address", &format!("scheme `{scheme}` is not supported (use redis:// or rediss://)"));
-        }
+    let entries: Vec<&str> = r.address.split(',').map(str::trim).collect();
+    if entries.len() > 1 && r.mode == crate::config::RedisMode::Standalone {
+        return err("redis.address", "a list of nodes needs redis.mode: cluster");
     }
-    if !r.username.is_empty() && r.password.is_empty() && split.password.is_none() {
+    let (mut tls, mut plain, mut url_password, mut creds) = (false, false, false, None);
+    for (i, entry) in entries.iter().enumerate() {
+        if entry.is_empty() {
+            return err("redis.address", &format!("node {} of the list is empty", i + 1));
+        }
+        if entry.contains("://") {
+            let scheme = entry.split("://").next().unwrap_or_default();
+            if scheme != "redis" && scheme != "rediss" {
+                return err(
+                    "redis.address",
+                    &format!("scheme `{scheme}` is not supported (use redis:// or rediss://)"),
+                );
+            }
+        }
+        if entry.starts_with("rediss://") {
+            tls = true;
+        } else {
+            plain = true;
+        }
+        let split = split_userinfo(entry);
+        url_password |= split.password.is_some();
+        let these = (split.user, split.password);
+        if i > 0 && creds.as_ref() != Some(&these) {
+            return err("redis.address", "nodes of the list carry different credentials");
+        }
+        creds = Some(these);
+    }
+    if tls && plain {
+        return err("redis.address", "nodes of the list mix redis:// and rediss://");
+    }
+    if !r.username.is_empty() && r.password.is_empty() && !url_password {
         return err("redis.password", "redis.username needs a password");
     }
-    let tls = r.address.starts_with("rediss://");
     for (key, path) in [
         ("redis.tls_ca_file", &r.tls_ca_file),
         ("redis.tls_cert_file", &r.tls_cert_file),

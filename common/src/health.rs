@@ -31,7 +31,7 @@ impl Check {
     }
 
     /// Redis answers PING (critical).
-    pub fn redis(conn: redis::aio::ConnectionManager) -> Self {
+    pub fn redis(conn: crate::deps::RedisConn) -> Self {
         Self::critical("redis", move || {
             let conn = conn.clone();
             Box::pin(async move { crate::deps::redis_ping(&conn).await })

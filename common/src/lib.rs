@@ -8,6 +8,7 @@ pub mod deps;
 pub mod endpoints;
 pub mod health;
 pub mod names;
+pub mod registry;
 pub mod reload;
 pub mod scripts;
 pub mod secret;

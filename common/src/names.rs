@@ -130,6 +130,106 @@ pub const REGISTRY_GENERATION_KEY: &str = "dws:registry:generation";
 /// edge's death, never by a TTL.
 pub const EDGE_DIRECTORY_KEY: &str = "dws:edges";
 
+/// Where the keys live: the names above are the logical names every part of
+/// the product uses (hubs, caches, route-change announcements, SPEC §6–7).
+/// A `KeyLayout` turns them into the names stored in Redis. Standalone keeps
+/// them exactly; a Redis Cluster gets hash tags so that every script touches
+/// one slot (decision 0027):
+///
+/// | logical | cluster |
+/// |---|---|
+/// | `route:{c}:{a}:chats`, `route:{c}:{a}:messages:{chat}` | `route:{c:a}:chats`, `route:{c:a}:messages:{chat}` |
+/// | `route:admin:{c or *}:{a or *}` | `route:{admin}:{c or *}:{a or *}` |
+/// | `edge:{pod}`, `dws:edges`, `dws:registry:generation` | `{dws}:edge:{pod}`, `{dws}:edges`, `{dws}:registry:generation` |
+/// | `session:…` | unchanged (single-key commands only) |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyLayout {
+    /// One Redis: the SPEC's names, unchanged.
+    #[default]
+    Standalone,
+    /// Redis Cluster: hash-tagged names.
+    Cluster,
+}
+
+/// The hash tag of every registry key in cluster mode (one slot).
+const REGISTRY_TAG: &str = "{dws}";
+
+impl KeyLayout {
+    /// Whether keys are spread over the slots of a Redis Cluster.
+    pub fn is_cluster(self) -> bool {
+        self == KeyLayout::Cluster
+    }
+
+    /// The stored name of a logical route key.
+    pub fn route(self, logical: &str) -> String {
+        if !self.is_cluster() {
+            return logical.to_string();
+        }
+        let Some(rest) = logical.strip_prefix("route:") else { return logical.to_string() };
+        if let Some(scope) = rest.strip_prefix("admin:") {
+            return format!("route:{{admin}}:{scope}");
+        }
+        let mut parts = rest.splitn(3, ':');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(c), Some(a), Some(tail)) => format!("route:{{{c}:{a}}}:{tail}"),
+            _ => logical.to_string(),
+        }
+    }
+
+    /// The registration of edge `pod` ([`edge_key`]).
+    pub fn edge(self, pod: &str) -> String {
+        match self {
+            KeyLayout::Standalone => edge_key(pod),
+            KeyLayout::Cluster => format!("{REGISTRY_TAG}:{}", edge_key(pod)),
+        }
+    }
+
+    /// The edge directory ([`EDGE_DIRECTORY_KEY`]).
+    pub fn directory(self) -> &'static str {
+        match self {
+            KeyLayout::Standalone => EDGE_DIRECTORY_KEY,
+            KeyLayout::Cluster => "{dws}:edges",
+        }
+    }
+
+    /// The registry generation marker ([`REGISTRY_GENERATION_KEY`]).
+    pub fn generation(self) -> &'static str {
+        match self {
+            KeyLayout::Standalone => REGISTRY_GENERATION_KEY,
+            KeyLayout::Cluster => "{dws}:registry:generation",
+        }
+    }
+
+    /// Splits `items` into groups whose stored keys share one hash slot
+    /// (one group in standalone): each group can be one script call or one
+    /// pipeline. Order within a group is kept.
+    pub fn by_slot<T>(self, items: Vec<T>, key: impl Fn(&T) -> &str) -> Vec<Vec<T>> {
+        if !self.is_cluster() {
+            return if items.is_empty() { Vec::new() } else { vec![items] };
+        }
+        let mut groups: Vec<(redis::cluster_routing::Slot, Vec<T>)> = Vec::new();
+        let mut index: std::collections::HashMap<redis::cluster_routing::Slot, usize> =
+            std::collections::HashMap::new();
+        for item in items {
+            let slot = hash_slot(key(&item));
+            match index.get(&slot) {
+                Some(&i) => groups[i].1.push(item),
+                None => {
+                    index.insert(slot, groups.len());
+                    groups.push((slot, vec![item]));
+                }
+            }
+        }
+        groups.into_iter().map(|(_, g)| g).collect()
+    }
+}
+
+/// The Redis Cluster hash slot of a stored key (CRC16 of its hash tag, as
+/// the server and redis-rs compute it).
+pub fn hash_slot(key: &str) -> redis::cluster_routing::Slot {
+    redis::cluster_routing::Slot::for_key(key)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +268,45 @@ mod tests {
         let keys = admin_route_keys("c1", "a1");
         for scope in [(None, None), (Some("c1"), None), (None, Some("a1")), (Some("c1"), Some("a1"))] {
             assert!(keys.contains(&admin_route_key(scope.0, scope.1)));
+        }
+    }
+
+    #[test]
+    fn standalone_keeps_the_spec_names() {
+        let l = KeyLayout::Standalone;
+        assert_eq!(l.route(&chats_route_key("c", "a")), "route:c:a:chats");
+        assert_eq!(l.edge("p1"), "edge:p1");
+        assert_eq!(l.directory(), EDGE_DIRECTORY_KEY);
+        assert_eq!(l.generation(), REGISTRY_GENERATION_KEY);
+        assert_eq!(l.by_slot(vec!["route:a:b:chats", "route:x:y:chats"], |k| k).len(), 1);
+    }
+
+    #[test]
+    fn cluster_tags_put_each_script_in_one_slot() {
+        let l = KeyLayout::Cluster;
+        assert_eq!(l.route(&chats_route_key("c", "a")), "route:{c:a}:chats");
+        assert_eq!(l.route(&messages_route_key("c", "a", "x")), "route:{c:a}:messages:x");
+        assert_eq!(l.route(&admin_route_key(Some("c"), None)), "route:{admin}:c:*");
+        // One (company, agent): one slot; its admin keys: one slot.
+        let slot = hash_slot(&l.route(&chats_route_key("c", "a")));
+        assert_eq!(hash_slot(&l.route(&messages_route_key("c", "a", "zz"))), slot);
+        let admin: Vec<_> = admin_route_keys("c", "a").iter().map(|k| hash_slot(&l.route(k))).collect();
+        assert!(admin.iter().all(|s| *s == admin[0]));
+        // The registry: one slot, whatever the pod id.
+        let reg = hash_slot(l.directory());
+        for key in [l.generation().to_string(), l.edge("p1"), l.edge("weird{pod}")] {
+            assert_eq!(hash_slot(&key), reg, "{key}");
+        }
+        // Known values (redis-cli CLUSTER KEYSLOT): the tag alone is hashed.
+        let foo = redis::cluster_routing::Slot::new(12182);
+        assert_eq!(Some(hash_slot("foo")), foo);
+        assert_eq!(Some(hash_slot("{foo}:bar")), foo);
+        let keys: Vec<String> = (0..50).map(|i| l.route(&chats_route_key(&format!("c{i}"), "a"))).collect();
+        let groups = l.by_slot(keys.clone(), |k| k);
+        assert!(groups.len() > 1);
+        assert_eq!(groups.iter().map(Vec::len).sum::<usize>(), keys.len());
+        for g in &groups {
+            assert!(g.iter().all(|k| hash_slot(k) == hash_slot(&g[0])));
         }
     }
 }

@@ -104,30 +104,42 @@ return 1
 "#;
 
 /// The edge directory for routers and peers. KEYS[1] directory, KEYS[2]
-/// marker. Tombstones older than a minute are dropped (every router has
-/// seen them by then). Returns `{marker or "", pod1, dir_addr1, registered1
-/// (0/1), reg_addr1 or "", gen1 or "", canary1 or "", pod2, ...}`.
+/// marker, KEYS[2 + i] the registration key of pod ARGV[i] (the caller
+/// reads the directory's pods first: every key is declared, so the script
+/// runs in one slot of a Redis Cluster too). Tombstones older than a minute
+/// are dropped (every router has seen them by then). Returns `{marker or "",
+/// {pod1, dir_addr1, registered1 (0/1), reg_addr1 or "", gen1 or "",
+/// canary1 or "", pod2, ...}, {pods in the directory whose key was not
+/// passed}}`: the caller reads again with those.
 pub const READ_DIRECTORY: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local out = {redis.call('GET', KEYS[2]) or ''}
+local keys = {}
+for i, pod in ipairs(ARGV) do keys[pod] = KEYS[i + 2] end
+local out = {}
+local missing = {}
 local all = redis.call('HGETALL', KEYS[1])
 for i = 1, #all, 2 do
   local pod = all[i]
   local v = all[i + 1]
-  if string.sub(v, 1, 1) == '-' and now - (tonumber(string.sub(v, 2)) or 0) > 60000
-     and redis.call('EXISTS', 'edge:' .. pod) == 0 then
-    redis.call('HDEL', KEYS[1], pod)
+  local key = keys[pod]
+  if not key then
+    table.insert(missing, pod)
+  else
+    if string.sub(v, 1, 1) == '-' and now - (tonumber(string.sub(v, 2)) or 0) > 60000
+       and redis.call('EXISTS', key) == 0 then
+      redis.call('HDEL', KEYS[1], pod)
+    end
+    local reg = redis.call('HMGET', key, 'addr', 'gen', 'canary')
+    table.insert(out, pod)
+    table.insert(out, v)
+    table.insert(out, reg[1] and 1 or 0)
+    table.insert(out, reg[1] or '')
+    table.insert(out, reg[2] or '')
+    table.insert(out, reg[3] or '')
   end
-  local reg = redis.call('HMGET', 'edge:' .. pod, 'addr', 'gen', 'canary')
-  table.insert(out, pod)
-  table.insert(out, all[i + 1])
-  table.insert(out, reg[1] and 1 or 0)
-  table.insert(out, reg[1] or '')
-  table.insert(out, reg[2] or '')
-  table.insert(out, reg[3] or '')
 end
-return out
+return {redis.call('GET', KEYS[2]) or '', out, missing}
 "#;
 
 /// Forgets an edge whose death a router confirmed, unless it registered
@@ -173,14 +185,56 @@ end
 return {marker or '', members, unconfirmed}
 "#;
 
+/// The registry half of [`RESOLVE_ROUTES`] for a Redis Cluster, where route
+/// keys live in other slots than the registry: the router reads the route
+/// members first (one call per slot), then asks this script, in the
+/// registry's slot, for their addresses and for the known edges that have
+/// not confirmed the current generation. KEYS[1] marker, KEYS[2] directory,
+/// KEYS[2 + i] the registration key of pod ARGV[i + 1]; ARGV[1] the number
+/// of route members, ARGV[2..] the members, then the pods the router knows.
+/// Returns the reply of [`RESOLVE_ROUTES`].
+pub const RESOLVE_REGISTRY: &str = r#"
+local marker = redis.call('GET', KEYS[1])
+local n = tonumber(ARGV[1])
+local members = {}
+local unconfirmed = {}
+local seen = {}
+for i = 2, #ARGV do
+  local pod = ARGV[i]
+  local key = KEYS[i + 1]
+  if not seen[pod] then
+    seen[pod] = true
+    if i <= n + 1 then
+      table.insert(members, pod)
+      table.insert(members, redis.call('HGET', key, 'addr') or '')
+    else
+      local gen = redis.call('HGET', key, 'gen')
+      if (not marker) or gen ~= marker then
+        local entry = redis.call('HGET', KEYS[2], pod) or ''
+        if string.sub(entry, 1, 1) ~= '-' then table.insert(unconfirmed, pod) end
+      end
+    end
+  end
+end
+return {marker or '', members, unconfirmed}
+"#;
+
 /// Whether the registry is complete as an operator (or a test) sees it: the
 /// generation marker exists and every registered edge in the directory has
-/// confirmed it. KEYS[1] marker, KEYS[2] directory. Returns 1 or 0.
+/// confirmed it. KEYS[1] marker, KEYS[2] directory, KEYS[2 + i] the
+/// registration key of pod ARGV[i] (every pod of the directory, read first).
+/// Returns 1 or 0, or -1 when the directory holds a pod not passed (read again).
 pub const REGISTRY_CONFIRMED: &str = r#"
 local marker = redis.call('GET', KEYS[1])
+local keys = {}
+for i, pod in ipairs(ARGV) do keys[pod] = KEYS[i + 2] end
+local pods = redis.call('HKEYS', KEYS[2])
+for _, pod in ipairs(pods) do
+  if not keys[pod] then return -1 end
+end
 if not marker then return 0 end
-for _, pod in ipairs(redis.call('HKEYS', KEYS[2])) do
-  local reg = redis.call('HMGET', 'edge:' .. pod, 'addr', 'gen')
+for _, pod in ipairs(pods) do
+  local reg = redis.call('HMGET', keys[pod], 'addr', 'gen')
   if reg[1] and reg[2] ~= marker then return 0 end
 end
 return 1

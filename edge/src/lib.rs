@@ -162,13 +162,13 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
         cfg.server.grpc_advertise_addr.clone()
     };
 
-    let redis_client = deps::redis_client(&cfg.redis)?;
-    let redis = deps::redis_manager(redis_client.clone())?;
+    let redis = deps::redis(&cfg.redis)?;
+    let redis_keys = redis.keys;
     let nats = deps::nats_client(&cfg.nats, &format!("daisi-edge {pod_id}")).await?;
     let jetstream = async_nats::jetstream::new(nats.clone());
     let metrics = Arc::new(EdgeMetrics::new());
-    let presence = Presence::new(pod_id.clone(), advertise.clone(), redis.clone(), config.clone(), shutdown.clone());
-    presence.spawn_background(redis_client, shutdown.clone());
+    let presence = Presence::new(pod_id.clone(), advertise.clone(), &redis, config.clone(), shutdown.clone());
+    presence.spawn_background(redis.pubsub.clone(), shutdown.clone());
 
     let state = Arc::new(EdgeState {
         auth: Auth::new(&cfg.auth)?,
@@ -188,11 +188,11 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
     daisi_common::telemetry::spawn_process_metrics(Duration::from_secs(5), shutdown.clone());
 
     let checks = vec![
-        health::Check::redis(redis.clone()),
+        health::Check::redis(redis.conn.clone()),
         health::Check::nats(nats.clone()),
         health::Check::critical("registration", {
-            let redis = redis.clone();
-            let key = daisi_common::names::edge_key(&pod_id);
+            let redis = redis.conn.clone();
+            let key = redis_keys.edge(&pod_id);
             move || {
                 let mut redis = redis.clone();
                 let key = key.clone();

@@ -55,6 +55,7 @@ impl EdgeMetrics {
             "dws_grpc_messages_received_total",
             "dws_grpc_duplicates_total",
             "dws_grpc_invalid_events_total",
+            "dws_redis_cross_slot_errors_total",
         ] {
             let _ = counter!(name);
         }

@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use daisi_common::config::Config;
+use daisi_common::deps::{PubSubNodes, Redis, RedisConn};
 use daisi_common::names;
+use daisi_common::names::KeyLayout;
 use daisi_common::scripts;
 use dashmap::DashMap;
 use metrics::counter;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -101,7 +102,6 @@ struct Scripts {
     register_edge: Script,
     confirm_generation: Script,
     deregister_edge: Script,
-    read_directory: Script,
 }
 
 /// This edge's presence in Redis.
@@ -109,7 +109,9 @@ pub struct Presence {
     pod_id: String,
     boot_id: String,
     advertise_addr: String,
-    redis: ConnectionManager,
+    redis: RedisConn,
+    /// Stored key names of `redis.mode`.
+    keys: KeyLayout,
     config: watch::Receiver<Arc<Config>>,
     sessions: DashMap<String, LocalSession>,
     routes: Arc<DashMap<String, RouteState>>,
@@ -156,7 +158,7 @@ impl Presence {
     pub fn new(
         pod_id: String,
         advertise_addr: String,
-        redis: ConnectionManager,
+        redis: &Redis,
         config: watch::Receiver<Arc<Config>>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
@@ -166,7 +168,8 @@ impl Presence {
             boot_id: daisi_common::token::new_token_id()[..12].to_string(),
             pod_id,
             advertise_addr,
-            redis,
+            redis: redis.conn.clone(),
+            keys: redis.keys,
             config,
             sessions: DashMap::new(),
             routes,
@@ -179,7 +182,6 @@ impl Presence {
                 register_edge: Script::new(scripts::REGISTER_EDGE),
                 confirm_generation: Script::new(scripts::CONFIRM_GENERATION),
                 deregister_edge: Script::new(scripts::DEREGISTER_EDGE),
-                read_directory: Script::new(scripts::READ_DIRECTORY),
             },
             epoch: Instant::now(),
             confirmed: Mutex::new(None),
@@ -352,7 +354,7 @@ impl Presence {
     /// previous run of this edge or of its pod; or its edge's gRPC address
     /// refuses connections; or its registration is gone and its address
     /// does not answer. A frozen or restarted Redis alone proves nothing.
-    async fn owner_is_gone(&self, conn: &mut ConnectionManager, value: &str) -> Result<bool, redis::RedisError> {
+    async fn owner_is_gone(&self, conn: &mut RedisConn, value: &str) -> Result<bool, redis::RedisError> {
         let Some((pod, rest)) = value.split_once('|') else { return Ok(true) };
         let boot = rest.split_once('-').map(|(b, _)| b).unwrap_or("");
         if pod == self.pod_id {
@@ -361,7 +363,7 @@ impl Presence {
             return Ok(boot != self.boot_id);
         }
         let (reg_addr, reg_boot): (Option<String>, Option<String>) =
-            redis::cmd("HMGET").arg(names::edge_key(pod)).arg("addr").arg("boot").query_async(conn).await?;
+            redis::cmd("HMGET").arg(self.keys.edge(pod)).arg("addr").arg("boot").query_async(conn).await?;
         let registered = reg_addr.is_some();
         if reg_boot.as_deref().is_some_and(|b| b != boot) {
             return Ok(true); // The pod restarted: the owner's process is gone.
@@ -370,7 +372,7 @@ impl Presence {
             Some(a) => a,
             None => {
                 let dir: Option<String> =
-                    redis::cmd("HGET").arg(names::EDGE_DIRECTORY_KEY).arg(pod).query_async(conn).await?;
+                    redis::cmd("HGET").arg(self.keys.directory()).arg(pod).query_async(conn).await?;
                 match dir {
                     Some(a) if !a.starts_with('-') && !a.is_empty() => a,
                     _ => return Ok(true),
@@ -386,7 +388,7 @@ impl Presence {
         }
     }
 
-    async fn kill(&self, conn: &mut ConnectionManager, key: &str, owner: &str) -> Result<(), redis::RedisError> {
+    async fn kill(&self, conn: &mut RedisConn, key: &str, owner: &str) -> Result<(), redis::RedisError> {
         let msg =
             serde_json::to_string(&KillMessage { key: key.to_string(), owner: owner.to_string() }).unwrap_or_default();
         let _: i64 = redis::cmd("PUBLISH").arg(names::KILL_SWITCH_CHANNEL).arg(msg).query_async(conn).await?;
@@ -528,16 +530,16 @@ impl Presence {
     /// Writes `edge:{pod_id}` and this edge's directory entry; returns the
     /// current registry generation and whether this edge's confirmation of
     /// it still stands.
-    async fn register_edge(&self, conn: &mut ConnectionManager) -> Result<(String, bool), redis::RedisError> {
+    async fn register_edge(&self, conn: &mut RedisConn) -> Result<(String, bool), redis::RedisError> {
         let cfg = self.cfg();
         let confirmed = self.confirmed_generation().unwrap_or_default();
         let fresh = format!("{}-{}", daisi_common::token::unix_now_nanos(), daisi_common::token::new_token_id());
         let (existed, marker, kept): (i64, String, String) = self
             .scripts
             .register_edge
-            .key(names::edge_key(&self.pod_id))
-            .key(names::EDGE_DIRECTORY_KEY)
-            .key(names::REGISTRY_GENERATION_KEY)
+            .key(self.keys.edge(&self.pod_id))
+            .key(self.keys.directory())
+            .key(self.keys.generation())
             .arg(&self.pod_id)
             .arg(&self.advertise_addr)
             .arg(&self.boot_id)
@@ -562,20 +564,13 @@ impl Presence {
     pub async fn deregister(&self) {
         let mut conn = self.redis.clone();
         let keys: Vec<String> = self.routes.iter().map(|e| e.key().clone()).collect();
-        let mut pipe = redis::pipe();
-        for key in &keys {
-            pipe.zrem(key, &self.pod_id).ignore();
-        }
-        if !keys.is_empty() {
-            pipe.publish(names::ROUTE_CHANGES_CHANNEL, keys.join("\n")).ignore();
-        }
         // Memberships first: the tombstone tells routers nothing of ours is left.
-        let result = match pipe.query_async::<()>(&mut conn).await {
+        let result = match self.remove_memberships(&keys).await {
             Ok(()) => self
                 .scripts
                 .deregister_edge
-                .key(names::edge_key(&self.pod_id))
-                .key(names::EDGE_DIRECTORY_KEY)
+                .key(self.keys.edge(&self.pod_id))
+                .key(self.keys.directory())
                 .arg(&self.pod_id)
                 .invoke_async::<i64>(&mut conn)
                 .await
@@ -606,22 +601,32 @@ impl Presence {
             })
             .collect();
         for chunk in sessions.chunks(500) {
-            let mut pipe = redis::pipe();
-            for (key, owner, _, idle) in chunk {
-                let mut inv = self.scripts.refresh_lock.key(key);
-                inv.arg(owner).arg(self.session_ttl_ms(&cfg, *idle));
-                pipe.invoke_script(&inv);
-            }
-            let results: Vec<i64> = match pipe.query_async(&mut conn).await {
-                Ok(r) => r,
-                Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                    // Scripts are gone (Redis restarted): load them and retry once.
-                    self.load_scripts(&mut conn).await?;
-                    pipe.query_async(&mut conn).await?
+            // One pipeline per hash slot (one in standalone), concurrently.
+            let groups = self.keys.by_slot(chunk.iter().collect(), |(key, ..)| key.as_str());
+            let results = futures_util::future::try_join_all(groups.into_iter().map(|group| {
+                let cfg = &cfg;
+                async move {
+                    let mut conn = self.redis.clone();
+                    let mut pipe = redis::pipe();
+                    for (key, owner, _, idle) in &group {
+                        let mut inv = self.scripts.refresh_lock.key(key);
+                        inv.arg(owner).arg(self.session_ttl_ms(cfg, *idle));
+                        pipe.invoke_script(&inv);
+                    }
+                    let results: Vec<i64> = match pipe.query_async(&mut conn).await {
+                        Ok(r) => r,
+                        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                            // Scripts are gone (Redis restarted): load them and retry once.
+                            self.load_scripts(&mut conn).await?;
+                            pipe.query_async(&mut conn).await?
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    Ok::<_, redis::RedisError>(group.into_iter().zip(results).collect::<Vec<_>>())
                 }
-                Err(e) => return Err(e),
-            };
-            for ((key, _, socket, _), result) in chunk.iter().zip(results) {
+            }))
+            .await?;
+            for ((key, _, socket, _), result) in results.into_iter().flatten() {
                 match result {
                     0 => {
                         tracing::info!(session_key = %key, "session lock now held by another socket");
@@ -660,8 +665,8 @@ impl Presence {
             let confirmed: i64 = self
                 .scripts
                 .confirm_generation
-                .key(names::edge_key(&self.pod_id))
-                .key(names::REGISTRY_GENERATION_KEY)
+                .key(self.keys.edge(&self.pod_id))
+                .key(self.keys.generation())
                 .arg(&self.boot_id)
                 .arg(&generation)
                 .invoke_async(&mut conn)
@@ -676,34 +681,15 @@ impl Presence {
     }
 
     /// Reads the other edges' canary states from their registrations.
-    async fn read_peers(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
-        let raw: Vec<redis::Value> = self
-            .scripts
-            .read_directory
-            .key(names::EDGE_DIRECTORY_KEY)
-            .key(names::REGISTRY_GENERATION_KEY)
-            .invoke_async(conn)
-            .await?;
-        let text = |v: &redis::Value| -> String {
-            match v {
-                redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-                redis::Value::SimpleString(s) => s.clone(),
-                redis::Value::Int(n) => n.to_string(),
-                _ => String::new(),
-            }
-        };
-        let mut ok = false;
-        for entry in raw.get(1..).unwrap_or_default().chunks_exact(6) {
-            let (pod, registered, canary) = (text(&entry[0]), text(&entry[2]), text(&entry[5]));
-            if pod != self.pod_id && registered == "1" && canary == CanaryState::Ok.as_str() {
-                ok = true;
-            }
-        }
+    async fn read_peers(&self, conn: &mut RedisConn) -> Result<(), redis::RedisError> {
+        let read = daisi_common::registry::read_directory(conn, self.keys).await?;
+        let ok =
+            read.entries.iter().any(|e| e.pod != self.pod_id && e.registered && e.canary == CanaryState::Ok.as_str());
         self.peer_canary_ok.store(ok, Ordering::Relaxed);
         Ok(())
     }
 
-    async fn load_scripts(&self, conn: &mut ConnectionManager) -> Result<(), redis::RedisError> {
+    async fn load_scripts(&self, conn: &mut RedisConn) -> Result<(), redis::RedisError> {
         for s in [&self.scripts.refresh_lock, &self.scripts.route_refresh] {
             s.load_async(conn).await?;
         }
@@ -714,35 +700,63 @@ impl Presence {
     /// membership was new (and announces new ones on the route-changes channel).
     async fn write_routes(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         routes: &[(String, u64)],
     ) -> Result<Vec<bool>, redis::RedisError> {
         if routes.is_empty() {
             return Ok(Vec::new());
         }
-        let mut inv = self.scripts.route_refresh.prepare_invoke();
-        inv.arg(&self.pod_id);
-        for (key, ttl) in routes {
-            inv.key(key).arg(*ttl);
+        // One script call per hash slot (one in standalone), concurrently.
+        let groups = self.keys.by_slot(routes.iter().enumerate().collect(), |(_, (key, _))| key.as_str());
+        let replies = futures_util::future::try_join_all(groups.into_iter().map(|group| async move {
+            let mut conn = self.redis.clone();
+            let mut inv = self.scripts.route_refresh.prepare_invoke();
+            inv.arg(&self.pod_id);
+            for (_, (key, ttl)) in &group {
+                inv.key(self.keys.route(key)).arg(*ttl);
+            }
+            let added: Vec<i64> = inv.invoke_async(&mut conn).await?;
+            Ok::<_, redis::RedisError>(group.into_iter().map(|(i, _)| i).zip(added).collect::<Vec<_>>())
+        }))
+        .await?;
+        let mut added = vec![false; routes.len()];
+        for (i, a) in replies.into_iter().flatten() {
+            added[i] = a > 0;
         }
-        let added: Vec<i64> = inv.invoke_async(conn).await?;
-        let new: Vec<&str> = routes.iter().zip(&added).filter(|(_, a)| **a > 0).map(|((k, _), _)| k.as_str()).collect();
+        let new: Vec<&str> = routes.iter().zip(&added).filter(|(_, a)| **a).map(|((k, _), _)| k.as_str()).collect();
         if !new.is_empty() {
             let _: i64 =
                 redis::cmd("PUBLISH").arg(names::ROUTE_CHANGES_CHANNEL).arg(new.join("\n")).query_async(conn).await?;
         }
-        Ok(routes.iter().enumerate().map(|(i, _)| added.get(i).is_some_and(|a| *a > 0)).collect())
+        Ok(added)
+    }
+
+    /// Removes this edge from route keys (one pipeline per hash slot) and
+    /// announces the change.
+    async fn remove_memberships(&self, keys: &[String]) -> Result<(), redis::RedisError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let stored: Vec<String> = keys.iter().map(|k| self.keys.route(k)).collect();
+        let _: Vec<()> = daisi_common::deps::pipeline_per_slot(&self.redis, self.keys, stored, |pipe, key| {
+            pipe.zrem(key, &self.pod_id).ignore();
+        })
+        .await?;
+        let mut conn = self.redis.clone();
+        let _: i64 =
+            redis::cmd("PUBLISH").arg(names::ROUTE_CHANGES_CHANNEL).arg(keys.join("\n")).query_async(&mut conn).await?;
+        Ok(())
     }
 
     /// Starts the refresh loop and the kill-switch and release listeners.
-    pub fn spawn_background(self: &Arc<Self>, client: redis::Client, shutdown: CancellationToken) {
+    pub fn spawn_background(self: &Arc<Self>, pubsub: PubSubNodes, shutdown: CancellationToken) {
         let me = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move { me.refresh_loop(stop).await });
         let on_kill = Arc::downgrade(self);
         let on_reconnect = Arc::downgrade(self);
         tokio::spawn(daisi_common::deps::subscribe_forever(
-            client.clone(),
+            pubsub.clone(),
             names::KILL_SWITCH_CHANNEL,
             shutdown.clone(),
             move |payload| {
@@ -760,7 +774,7 @@ impl Presence {
         let on_release = Arc::downgrade(self);
         let on_resubscribe = Arc::downgrade(self);
         tokio::spawn(daisi_common::deps::subscribe_forever(
-            client,
+            pubsub,
             names::SESSION_RELEASED_CHANNEL,
             shutdown,
             move |payload| {
@@ -861,16 +875,9 @@ async fn route_writer(
             }
         }
         let mut result: Result<(), RouteError> = Ok(());
-        if !removes.is_empty() {
-            let mut pipe = redis::pipe();
-            for key in &removes {
-                pipe.zrem(key, &p.pod_id).ignore();
-            }
-            pipe.publish(names::ROUTE_CHANGES_CHANNEL, removes.join("\n")).ignore();
-            if let Err(e) = pipe.query_async::<()>(&mut conn).await {
-                // The membership expires on its own; the router drops dead routes.
-                tracing::warn!(error = %e, "could not remove route memberships");
-            }
+        if let Err(e) = p.remove_memberships(&removes).await {
+            // The membership expires on its own; the router drops dead routes.
+            tracing::warn!(error = %e, "could not remove route memberships");
         }
         for chunk in adds.chunks(500) {
             match p.write_routes(&mut conn, chunk).await {

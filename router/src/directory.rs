@@ -11,10 +11,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use daisi_common::config::Config;
-use daisi_common::{names, scripts};
+use daisi_common::deps::{Redis, RedisConn};
+use daisi_common::names::KeyLayout;
+use daisi_common::registry::DirectoryEntry;
+use daisi_common::scripts;
 use dashmap::DashMap;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -37,42 +39,33 @@ struct Known {
     since: Instant,
 }
 
-/// What one directory read said about one edge.
-#[derive(Debug, PartialEq, Eq)]
-struct Entry {
-    pod: String,
-    dir_addr: String,
-    registered: bool,
-    reg_addr: String,
-}
-
 /// The edges this router knows and their liveness.
 pub struct Directory {
-    redis: ConnectionManager,
+    redis: RedisConn,
+    keys: KeyLayout,
     config: watch::Receiver<Arc<Config>>,
     metrics: Arc<RouterMetrics>,
     edges: Arc<Edges>,
     known: DashMap<Arc<str>, Known>,
     loaded: AtomicBool,
-    read: Script,
     forget: Script,
 }
 
 impl Directory {
     pub fn new(
-        redis: ConnectionManager,
+        redis: &Redis,
         config: watch::Receiver<Arc<Config>>,
         metrics: Arc<RouterMetrics>,
         edges: Arc<Edges>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            redis,
+            redis: redis.conn.clone(),
+            keys: redis.keys,
             config,
             metrics,
             edges,
             known: DashMap::new(),
             loaded: AtomicBool::new(false),
-            read: Script::new(scripts::READ_DIRECTORY),
             forget: Script::new(scripts::FORGET_EDGE),
         })
     }
@@ -141,13 +134,7 @@ impl Directory {
 
     async fn refresh(&self) -> Result<(), redis::RedisError> {
         let mut conn = self.redis.clone();
-        let raw: Vec<redis::Value> = self
-            .read
-            .key(names::EDGE_DIRECTORY_KEY)
-            .key(names::REGISTRY_GENERATION_KEY)
-            .invoke_async(&mut conn)
-            .await?;
-        let entries = parse(&raw);
+        let entries: Vec<DirectoryEntry> = daisi_common::registry::read_directory(&mut conn, self.keys).await?.entries;
         let listed: std::collections::HashSet<&str> = entries.iter().map(|e| e.pod.as_str()).collect();
         for e in &entries {
             let departed = e.dir_addr.starts_with('-') && !e.registered;
@@ -211,8 +198,8 @@ impl Directory {
                 let mut conn = self.redis.clone();
                 let forgotten: Result<i64, _> = self
                     .forget
-                    .key(names::edge_key(&pod))
-                    .key(names::EDGE_DIRECTORY_KEY)
+                    .key(self.keys.edge(&pod))
+                    .key(self.keys.directory())
                     .arg(&*pod)
                     .invoke_async(&mut conn)
                     .await;
@@ -228,67 +215,5 @@ impl Directory {
             self.known.remove(&pod);
             self.edges.remove(&pod);
         }
-    }
-}
-
-fn text(v: &redis::Value) -> String {
-    match v {
-        redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-        redis::Value::SimpleString(s) => s.clone(),
-        redis::Value::Int(n) => n.to_string(),
-        _ => String::new(),
-    }
-}
-
-/// Parses `{marker, pod, dir_addr, registered, reg_addr, gen, canary, ...}`.
-fn parse(raw: &[redis::Value]) -> Vec<Entry> {
-    raw.get(1..)
-        .unwrap_or_default()
-        .chunks_exact(6)
-        .map(|c| Entry {
-            pod: text(&c[0]),
-            dir_addr: text(&c[1]),
-            registered: text(&c[2]) == "1",
-            reg_addr: text(&c[3]),
-        })
-        .filter(|e| !e.pod.is_empty())
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use redis::Value;
-
-    fn b(s: &str) -> Value {
-        Value::BulkString(s.as_bytes().to_vec())
-    }
-
-    #[test]
-    fn parses_directory_entries() {
-        let raw = vec![
-            b("gen-1"),
-            b("e1"),
-            b("10.0.0.1:1"),
-            Value::Int(1),
-            b("10.0.0.1:1"),
-            b("gen-1"),
-            b("ok"),
-            b("e2"),
-            b("-1234"),
-            Value::Int(0),
-            b(""),
-            b(""),
-            b(""),
-        ];
-        let e = parse(&raw);
-        assert_eq!(e.len(), 2);
-        assert_eq!(
-            e[0],
-            Entry { pod: "e1".into(), dir_addr: "10.0.0.1:1".into(), registered: true, reg_addr: "10.0.0.1:1".into() }
-        );
-        assert!(!e[1].registered);
-        assert_eq!(e[1].dir_addr, "-1234");
-        assert!(parse(&[]).is_empty());
     }
 }

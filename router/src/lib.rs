@@ -70,8 +70,7 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
     let listener = TcpListener::bind(&addr).await.map_err(|source| RouterError::Bind { addr: addr.clone(), source })?;
     let http_addr = listener.local_addr().map_err(|source| RouterError::Bind { addr: addr.clone(), source })?;
 
-    let redis_client = deps::redis_client(&cfg.redis)?;
-    let redis = deps::redis_manager(redis_client.clone())?;
+    let redis = deps::redis(&cfg.redis)?;
     let nats = deps::nats_client(&cfg.nats, "daisi-router").await?;
     let jetstream = jetstream::context(nats.clone());
     let metrics = Arc::new(RouterMetrics::new());
@@ -79,10 +78,10 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
     // Edge streams outlive the pull loop so in-flight events can still be acked.
     let edges_stop = CancellationToken::new();
     let edges = Edges::new(config.clone(), metrics.clone(), edges_stop.clone());
-    let directory = Directory::new(redis.clone(), config.clone(), metrics.clone(), edges.clone());
+    let directory = Directory::new(&redis, config.clone(), metrics.clone(), edges.clone());
     directory.spawn(edges_stop.clone());
-    let routes = Routes::new(redis.clone(), config.clone(), metrics.clone(), directory.clone());
-    routes.spawn_background(redis_client, shutdown.clone());
+    let routes = Routes::new(&redis, config.clone(), metrics.clone(), directory.clone());
+    routes.spawn_background(redis.pubsub.clone(), shutdown.clone());
     let (bound, bound_rx) = watch::channel(None);
     let ctx = pipeline::Ctx::new(config.clone(), routes, edges, metrics.clone(), shutdown.clone());
     let pipeline_task = tokio::spawn(pipeline::run(nats.clone(), jetstream, ctx, bound));
@@ -92,7 +91,7 @@ pub async fn run(config: watch::Receiver<Arc<Config>>, shutdown: CancellationTok
             let loaded = directory.loaded();
             Box::pin(async move { if loaded { Ok(()) } else { Err("not read from Redis yet".to_string()) } })
         }),
-        health::Check::redis(redis.clone()),
+        health::Check::redis(redis.conn.clone()),
         health::Check::nats(nats.clone()),
         health::Check::critical("consumer", {
             let name = format!("{}/{}", cfg.nats.stream_name, cfg.nats.consumer_name);

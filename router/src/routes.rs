@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use daisi_common::config::Config;
+use daisi_common::deps::{PubSubNodes, Redis, RedisConn};
+use daisi_common::names::KeyLayout;
 use daisi_common::names::{self, Subject};
 use daisi_common::scripts;
 use dashmap::DashMap;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -73,10 +74,14 @@ struct CacheEntry {
 
 /// The route resolver shared by every worker.
 pub struct Routes {
-    redis: ConnectionManager,
+    redis: RedisConn,
+    keys: KeyLayout,
     metrics: Arc<RouterMetrics>,
     directory: Arc<Directory>,
+    /// Standalone: members and registry in one call.
     script: Script,
+    /// Cluster: the registry half, after the members were read per slot.
+    registry_script: Script,
     /// Keyed by the subject's route keys joined with `\n`.
     cache: DashMap<String, CacheEntry>,
     /// Bumped on every invalidation; a resolution that raced one is not cached.
@@ -93,16 +98,18 @@ pub fn route_keys(subject: &Subject<'_>) -> Vec<String> {
 
 impl Routes {
     pub fn new(
-        redis: ConnectionManager,
+        redis: &Redis,
         _config: watch::Receiver<Arc<Config>>,
         metrics: Arc<RouterMetrics>,
         directory: Arc<Directory>,
     ) -> Arc<Self> {
         Arc::new(Self {
-            redis,
+            redis: redis.conn.clone(),
+            keys: redis.keys,
             metrics,
             directory,
             script: Script::new(scripts::RESOLVE_ROUTES),
+            registry_script: Script::new(scripts::RESOLVE_REGISTRY),
             cache: DashMap::new(),
             epoch: AtomicU64::new(0),
         })
@@ -111,11 +118,11 @@ impl Routes {
     /// Listens for route changes (invalidating the cache; the whole cache is
     /// dropped on every (re)subscription, since announcements may have been
     /// missed) and sweeps stale entries, until `shutdown`.
-    pub fn spawn_background(self: &Arc<Self>, client: redis::Client, shutdown: CancellationToken) {
+    pub fn spawn_background(self: &Arc<Self>, pubsub: PubSubNodes, shutdown: CancellationToken) {
         let on_message = Arc::downgrade(self);
         let on_reconnect = Arc::downgrade(self);
         tokio::spawn(daisi_common::deps::subscribe_forever(
-            client,
+            pubsub,
             names::ROUTE_CHANGES_CHANNEL,
             shutdown.clone(),
             move |payload| {
@@ -178,17 +185,20 @@ impl Routes {
         }
         let epoch = self.epoch.load(Ordering::Acquire);
         let loaded = self.directory.loaded();
-        let mut invocation = self.script.prepare_invoke();
-        invocation.key(names::REGISTRY_GENERATION_KEY).key(names::EDGE_DIRECTORY_KEY);
-        for key in &keys {
-            invocation.key(key);
-        }
-        for pod in self.directory.awaited() {
-            invocation.arg(pod);
-        }
         let mut conn = self.redis.clone();
-        let raw: redis::Value = invocation.invoke_async(&mut conn).await?;
-        let reply = parse_reply(raw)?;
+        let reply = if self.keys.is_cluster() {
+            self.resolve_in_cluster(&mut conn, &keys).await?
+        } else {
+            let mut invocation = self.script.prepare_invoke();
+            invocation.key(names::REGISTRY_GENERATION_KEY).key(names::EDGE_DIRECTORY_KEY);
+            for key in &keys {
+                invocation.key(key);
+            }
+            for pod in self.directory.awaited() {
+                invocation.arg(pod);
+            }
+            parse_reply(invocation.invoke_async(&mut conn).await?)?
+        };
         let mut live = Vec::with_capacity(reply.pods.len());
         let mut dead = Vec::new();
         for (pod, addr) in reply.pods {
@@ -213,14 +223,41 @@ impl Routes {
         Ok(resolution)
     }
 
+    /// [`scripts::RESOLVE_ROUTES`] in a Redis Cluster, where the route keys
+    /// and the registry live in different slots: the members are read first
+    /// (one pipeline per slot; the keys of one subject share a slot), then
+    /// [`scripts::RESOLVE_REGISTRY`] runs in the registry's slot.
+    async fn resolve_in_cluster(&self, conn: &mut RedisConn, keys: &[String]) -> Result<ScriptReply, RouteError> {
+        let stored: Vec<String> = keys.iter().map(|k| self.keys.route(k)).collect();
+        let members: Vec<Vec<Vec<String>>> =
+            daisi_common::deps::pipeline_per_slot(conn, self.keys, stored, |pipe, key| {
+                pipe.zrange(key, 0, -1);
+            })
+            .await?;
+        let mut pods: Vec<String> = Vec::new();
+        for pod in members.into_iter().flatten().flatten() {
+            if !pods.contains(&pod) {
+                pods.push(pod);
+            }
+        }
+        let mut invocation = self.registry_script.prepare_invoke();
+        invocation.key(self.keys.generation()).key(self.keys.directory()).arg(pods.len());
+        for pod in pods.iter().cloned().chain(self.directory.awaited()) {
+            invocation.key(self.keys.edge(&pod)).arg(pod);
+        }
+        parse_reply(invocation.invoke_async(conn).await?)
+    }
+
     /// Removes pods that have no registration and that no router knows any
     /// more (their death was confirmed) from `keys`.
-    async fn remove_dead(&self, conn: &mut ConnectionManager, keys: &[String], dead: &[String]) {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.zrem(key, dead).ignore();
-        }
-        match pipe.query_async::<()>(conn).await {
+    async fn remove_dead(&self, conn: &mut RedisConn, keys: &[String], dead: &[String]) {
+        let stored: Vec<String> = keys.iter().map(|k| self.keys.route(k)).collect();
+        let removed: Result<Vec<()>, _> =
+            daisi_common::deps::pipeline_per_slot(conn, self.keys, stored, |pipe, key| {
+                pipe.zrem(key, dead).ignore();
+            })
+            .await;
+        match removed.map(|_| ()) {
             Ok(()) => {
                 self.metrics.dead_members_removed.add(dead.len() as u64);
                 tracing::info!(pods = ?dead, keys = ?keys, "dropped route members of dead edges");

@@ -6,31 +6,13 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 
 use async_nats::jetstream;
-use daisi_common::{Config, names};
+use daisi_common::names;
 use daisi_testkit::cluster::NatsCluster;
-use daisi_testkit::{RedisServer, eventually, test_config_for, unique};
+use daisi_testkit::{RedisServer, eventually, test_config_for};
 use serde_json::json;
 use support::*;
-
-async fn router_with(config: Config) -> RunningRouter {
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(config));
-    let token = tokio_util::sync::CancellationToken::new();
-    let router = daisi_router::run(rx, token.clone()).await.expect("router starts");
-    wait_ready(router.http_addr).await;
-    RunningRouter { token, router: Some(router), config: tx }
-}
-
-async fn edge_with(config: &Config) -> RunningEdge {
-    let mut c = config.clone();
-    c.server.pod_id = unique("edge").replace('_', "-");
-    let token = tokio_util::sync::CancellationToken::new();
-    let edge = daisi_edge::run(tokio::sync::watch::channel(Arc::new(c)).1, token.clone()).await.expect("edge starts");
-    wait_ready(edge.http_addr).await;
-    RunningEdge { token, edge: Some(edge) }
-}
 
 /// Index (0..3) of the server leading the stream's RAFT group.
 async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<usize> {
@@ -38,24 +20,6 @@ async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<usize> {
     let info = s.info().await.ok()?;
     let leader = info.cluster.as_ref()?.leader.as_ref()?;
     leader.strip_prefix('n')?.parse().ok()
-}
-
-async fn wait_registry_complete(config: &Config) {
-    let client = daisi_common::deps::redis_client(&config.redis).expect("redis client");
-    let conn = daisi_common::deps::redis_manager(client).expect("redis connection");
-    eventually(WAIT, "route registry complete", || {
-        let mut conn = conn.clone();
-        async move {
-            let confirmed: i64 = redis::Script::new(daisi_common::scripts::REGISTRY_CONFIRMED)
-                .key(names::REGISTRY_GENERATION_KEY)
-                .key(names::EDGE_DIRECTORY_KEY)
-                .invoke_async(&mut conn)
-                .await
-                .ok()?;
-            (confirmed == 1).then_some(())
-        }
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use daisi_common::{Config, Secret, names};
 use daisi_testkit::cluster::CustomServer;
 use daisi_testkit::tls::{TestCerts, s};
-use daisi_testkit::{RedisServer, eventually, test_config_for, unique};
+use daisi_testkit::{RedisServer, test_config_for, unique};
 use serde_json::json;
 use support::*;
 
@@ -60,26 +60,6 @@ fn redis_with_acl() -> CustomServer {
             ["--user", "dws", "on", &format!(">{REDIS_PASSWORD}"), "~*", "&*", "+@all", "--user", "default", "off"];
         ["--port".to_string(), port.to_string()].into_iter().chain(acl.iter().map(|s| s.to_string())).collect()
     })
-}
-
-/// Waits until every registered edge has confirmed the current registry
-/// generation (before that the router naks instead of declaring "no route").
-async fn wait_registry_complete(config: &Config) {
-    let client = daisi_common::deps::redis_client(&config.redis).expect("redis client");
-    let conn = daisi_common::deps::redis_manager(client).expect("redis connection");
-    eventually(WAIT, "route registry complete", || {
-        let mut conn = conn.clone();
-        async move {
-            let confirmed: i64 = redis::Script::new(daisi_common::scripts::REGISTRY_CONFIRMED)
-                .key(names::REGISTRY_GENERATION_KEY)
-                .key(names::EDGE_DIRECTORY_KEY)
-                .invoke_async(&mut conn)
-                .await
-                .ok()?;
-            (confirmed == 1).then_some(())
-        }
-    })
-    .await
 }
 
 /// Edge and router on `config`: one event published (by a client with the

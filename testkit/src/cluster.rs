@@ -298,6 +298,22 @@ impl RedisCluster {
         panic!("no running master serves {key}");
     }
 
+    /// Commands the running nodes refused with `CROSSSLOT` (keys of one
+    /// command or script in different slots), from `INFO errorstats`.
+    pub fn cross_slot_refusals(&self) -> u64 {
+        self.nodes
+            .iter()
+            .filter(|n| n.running())
+            .map(|n| {
+                let info = redis_raw(n.port, "INFO errorstats");
+                info.lines()
+                    .filter_map(|l| l.trim().strip_prefix("errorstat_CROSSSLOT:count="))
+                    .filter_map(|c| c.split(',').next()?.parse::<u64>().ok())
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+
     fn node(&mut self, port: u16) -> &mut Node {
         self.nodes.iter_mut().find(|n| n.port == port).unwrap_or_else(|| panic!("no node on port {port}"))
     }

@@ -102,17 +102,7 @@ impl Env {
     /// registry generation (before that the router naks instead of
     /// declaring "no route").
     pub async fn wait_registry_complete(&self) {
-        eventually(WAIT, "route registry complete", || async {
-            let mut conn = self.redis().await;
-            let confirmed: i64 = redis::Script::new(daisi_common::scripts::REGISTRY_CONFIRMED)
-                .key(names::REGISTRY_GENERATION_KEY)
-                .key(names::EDGE_DIRECTORY_KEY)
-                .invoke_async(&mut conn)
-                .await
-                .ok()?;
-            (confirmed == 1).then_some(())
-        })
-        .await
+        wait_registry_complete(&self.base).await
     }
 
     /// Registers a fake edge `pod` at `addr` (as an edge would) and adds it to route `key`.
@@ -398,4 +388,39 @@ pub async fn distinct_seqs(client: &mut WsClient, n: usize, what: &str) -> BTree
         assert!(seen.insert(seq), "{what}: seq {seq} delivered twice (after {i} events)");
     }
     seen
+}
+
+/// Starts a router on `config` and waits until it is ready.
+pub async fn router_with(config: Config) -> RunningRouter {
+    init_logs();
+    let (tx, rx) = watch::channel(Arc::new(config));
+    let token = CancellationToken::new();
+    let router = daisi_router::run(rx, token.clone()).await.expect("router starts");
+    wait_ready(router.http_addr).await;
+    RunningRouter { token, router: Some(router), config: tx }
+}
+
+/// Starts an edge on `config` with a fresh pod id and waits until it is ready.
+pub async fn edge_with(config: &Config) -> RunningEdge {
+    let mut c = config.clone();
+    c.server.pod_id = unique("edge").replace('_', "-");
+    let token = CancellationToken::new();
+    let edge = daisi_edge::run(watch::channel(Arc::new(c)).1, token.clone()).await.expect("edge starts");
+    wait_ready(edge.http_addr).await;
+    RunningEdge { token, edge: Some(edge) }
+}
+
+/// Waits until every registered edge has confirmed the current registry
+/// generation in the Redis of `config`, whichever its mode (before that the
+/// router naks instead of declaring "no route").
+pub async fn wait_registry_complete(config: &Config) {
+    let redis = daisi_common::deps::redis(&config.redis).expect("redis connection");
+    eventually(WAIT, "route registry complete", || {
+        let mut conn = redis.conn.clone();
+        async move {
+            let confirmed = daisi_common::registry::registry_confirmed(&mut conn, redis.keys).await.ok()?;
+            confirmed.then_some(())
+        }
+    })
+    .await
 }
