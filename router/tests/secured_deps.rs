@@ -345,14 +345,9 @@ fn check_config_masks_every_dependency_secret_and_names_bad_keys() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn takeover_across_edges_through_an_acl_redis_uses_authenticated_pub_sub() {
-    // The kill switch travels over Redis pub/sub: its connections must AUTH too.
-    let nats = daisi_testkit::NatsServer::start();
-    let redis = redis_with_acl();
-    let mut config = base_config(nats.url(), format!("127.0.0.1:{}", redis.port()));
-    config.redis.username = "dws".into();
-    config.redis.password = Secret::new(REDIS_PASSWORD);
+/// Two edges on `config`: a user connecting to the second closes the
+/// same user's socket on the first (4402), through the kill switch.
+async fn takeover_across_two_edges(config: &Config) {
     let token = tokio_util::sync::CancellationToken::new();
     let mut edges = Vec::new();
     for _ in 0..2 {
@@ -366,4 +361,48 @@ async fn takeover_across_edges_through_an_acl_redis_uses_authenticated_pub_sub()
     let new = user(&edges[1], "c1", "a1", "u1");
     let (_, ()) = tokio::join!(new, old.expect_error_then_close("SessionConflict", 4402));
     token.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_across_edges_through_an_acl_redis_uses_authenticated_pub_sub() {
+    // The kill switch travels over Redis pub/sub: its connections must AUTH too.
+    let nats = daisi_testkit::NatsServer::start();
+    let redis = redis_with_acl();
+    let mut config = base_config(nats.url(), format!("127.0.0.1:{}", redis.port()));
+    config.redis.username = "dws".into();
+    config.redis.password = Secret::new(REDIS_PASSWORD);
+    takeover_across_two_edges(&config).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_cluster_with_an_acl_user_delivers_takes_over_and_hides_the_password() {
+    // Connections without the user may only ask CLUSTER/INFO/PING: every
+    // node connection the cluster client opens, and every pub/sub one, must AUTH.
+    let logs = capture_logs();
+    let nats = daisi_testkit::NatsServer::start();
+    let redis = daisi_testkit::cluster::RedisCluster::start_with_acl("dws", REDIS_PASSWORD);
+    let mut config = base_config(nats.url(), redis.addresses());
+    config.redis.mode = daisi_common::config::RedisMode::Cluster;
+    config.redis.username = "dws".into();
+    config.redis.password = Secret::new(REDIS_PASSWORD);
+    delivers_and_hides(config.clone(), &[REDIS_PASSWORD]).await;
+
+    // Credentials in every node's URL work too.
+    config.redis.address = redis
+        .ports()
+        .iter()
+        .map(|p| format!("redis://dws:{REDIS_PASSWORD}@127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    config.redis.username.clear();
+    config.redis.password = Secret::default();
+    delivers_and_hides(config.clone(), &[REDIS_PASSWORD]).await;
+
+    // The kill switch crosses edges over authenticated cluster pub/sub.
+    takeover_across_two_edges(&config).await;
+
+    let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(!logs.is_empty(), "logs were captured");
+    assert!(!logs.contains(REDIS_PASSWORD), "the Redis password shows in a log line");
+    assert_eq!(daisi_common::deps::cross_slot_errors(), 0);
 }

@@ -167,9 +167,47 @@ impl RedisCluster {
     /// Starts six nodes and joins them into a cluster; returns once every
     /// node reports `cluster_state:ok`.
     pub fn start() -> Self {
+        Self::start_with(&[], &[])
+    }
+
+    /// [`RedisCluster::start`] where only ACL user `user` with `password`
+    /// may run data commands, read and write keys and use pub/sub (on every
+    /// node, replication included); connections without it may only ask
+    /// `CLUSTER`, `INFO` and `PING` (what this harness itself needs).
+    pub fn start_with_acl(user: &str, password: &str) -> Self {
+        let pass = format!(">{password}");
+        let server: Vec<String> = [
+            "--user",
+            "default",
+            "on",
+            "nopass",
+            "-@all",
+            "+cluster",
+            "+info",
+            "+ping",
+            "--user",
+            user,
+            "on",
+            &pass,
+            "~*",
+            "&*",
+            "+@all",
+            "--masteruser",
+            user,
+            "--masterauth",
+            password,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let cli: Vec<String> = ["--user", user, "--pass", password].iter().map(|s| s.to_string()).collect();
+        Self::start_with(&server, &cli)
+    }
+
+    fn start_with(server_args: &[String], cli_args: &[String]) -> Self {
         let mut last = String::new();
         for _ in 0..3 {
-            match Self::try_start() {
+            match Self::try_start(server_args, cli_args) {
                 Ok(c) => return c,
                 Err(e) => last = e,
             }
@@ -177,7 +215,7 @@ impl RedisCluster {
         panic!("could not start a Redis Cluster: {last}");
     }
 
-    fn try_start() -> Result<Self, String> {
+    fn try_start(server_args: &[String], cli_args: &[String]) -> Result<Self, String> {
         let binary = find_binary("redis-server", "redis-server");
         let cli = find_binary("redis-cli", "redis-tools");
         let dir = tempfile::Builder::new().prefix("dws-rcluster-").tempdir().map_err(|e| e.to_string())?;
@@ -206,6 +244,7 @@ impl RedisCluster {
             .iter()
             .map(|s| s.to_string())
             .chain([node_dir.display().to_string()])
+            .chain(server_args.iter().cloned())
             .collect();
             let mut node =
                 Node { port: *port, dir: node_dir, args, binary: binary.clone(), child: None, name: "redis-server" };
@@ -213,7 +252,7 @@ impl RedisCluster {
             nodes.push(node);
         }
         let mut create = Command::new(&cli);
-        create.arg("--cluster").arg("create");
+        create.args(cli_args).arg("--no-auth-warning").arg("--cluster").arg("create");
         for port in &ports {
             create.arg(format!("127.0.0.1:{port}"));
         }
