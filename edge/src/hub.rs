@@ -357,6 +357,30 @@ impl SocketShared {
         self.notify.notify_one();
     }
 
+    /// Takes queued frames under one lock, up to `max_items` of them or
+    /// until they add up to `max_bytes` (always at least one if any is
+    /// queued), handing each to `take` in order. Returns how many were taken.
+    /// The queue gauge is updated once per batch, not per frame.
+    pub fn pop_batch(&self, max_items: usize, max_bytes: usize, mut take: impl FnMut(Outgoing)) -> usize {
+        let mut q = self.lock();
+        let mut n = 0;
+        let mut bytes = 0usize;
+        while n < max_items && bytes < max_bytes {
+            let Some(out) = q.items.pop_front() else { break };
+            bytes = bytes.saturating_add(out.frame.len());
+            n += 1;
+            take(out);
+        }
+        if q.items.len() < self.policy.capacity {
+            q.full_since = None;
+        }
+        drop(q);
+        if n > 0 {
+            self.metrics.buffer_used.decrement(n as f64);
+        }
+        n
+    }
+
     /// Takes the next queued frame.
     pub fn pop(&self) -> Option<Outgoing> {
         let mut q = self.lock();
@@ -549,6 +573,24 @@ mod tests {
 
     fn seqs(s: &SocketShared) -> Vec<u64> {
         std::iter::from_fn(|| s.pop()).map(|o| json_of(&o)["seq"].as_u64().unwrap()).collect()
+    }
+
+    #[test]
+    fn pop_batch_takes_in_order_within_its_bounds_and_at_least_one() {
+        let hub = hub();
+        let s = hub.new_socket(policy(100, DropPolicy::DropOldest));
+        hub.subscribe("websocket.c.a.chats", &s);
+        for seq in 1..=5 {
+            hub.publish("websocket.c.a.chats", seq, 0, b"{}").unwrap();
+        }
+        let mut got = Vec::new();
+        assert_eq!(s.pop_batch(2, usize::MAX, |o| got.push(json_of(&o)["seq"].as_u64().unwrap())), 2);
+        assert_eq!(got, vec![1, 2]);
+        // A byte bound smaller than one frame still takes one.
+        assert_eq!(s.pop_batch(10, 1, |o| got.push(json_of(&o)["seq"].as_u64().unwrap())), 1);
+        assert_eq!(s.pop_batch(10, usize::MAX, |o| got.push(json_of(&o)["seq"].as_u64().unwrap())), 2);
+        assert_eq!(got, vec![1, 2, 3, 4, 5]);
+        assert_eq!(s.pop_batch(10, usize::MAX, |_| panic!("nothing is queued")), 0);
     }
 
     #[test]

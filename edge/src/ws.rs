@@ -630,23 +630,26 @@ impl Conn {
         // Nothing more is taken from the queue while the kernel is full, so
         // the queue (and its drop/block policy) still sees a slow reader.
         ready!(tx.poll_urgent(cx))?;
-        let mut bytes = 0;
-        for _ in 0..WRITE_BATCH {
-            if bytes >= WRITE_BATCH_BYTES {
-                break;
-            }
-            let Some(out) = self.shared().pop() else { break };
-            bytes += out.frame.len();
+        // One lock, one gauge update, one clock read and one counter update
+        // per batch, not per event (they showed in the per-delivery profile).
+        let mut compressed = 0u64;
+        let mut now = 0i64;
+        let sent = self.shared().pop_batch(WRITE_BATCH, WRITE_BATCH_BYTES, |out| {
             tx.start(out.frame);
-            metrics.messages_sent.increment(1);
-            if out.compressed {
-                metrics.compressed_frames.increment(1);
-            }
+            compressed += u64::from(out.compressed);
             if out.published_unix_nanos > 0 {
-                let now = daisi_common::token::unix_now_nanos();
+                if now == 0 {
+                    now = daisi_common::token::unix_now_nanos();
+                }
                 let secs = (now - out.published_unix_nanos).max(0) as f64 / 1e9;
                 metrics.delivery_latency.record(secs);
             }
+        });
+        if sent > 0 {
+            metrics.messages_sent.increment(sent as u64);
+        }
+        if compressed > 0 {
+            metrics.compressed_frames.increment(compressed);
         }
         tx.poll_flush_io(cx)
     }

@@ -28,6 +28,11 @@ async fn losing_the_stream_leader_while_events_flow_loses_nothing() {
     let redis = RedisServer::start();
     let mut config = test_config_for(nats.urls(), redis.address());
     config.nats.stream_replicas = 3;
+    // A pull answered by the dying server may be lost on the wire after the
+    // consumer recorded it as delivered: JetStream gives it again only after
+    // ack_wait (30 s by default), longer than these tests wait for an event
+    // on a busy machine (decision 0025). Nothing is lost either way.
+    config.nats.consumer_ack_wait_seconds = 3;
 
     let _r1 = router_with(config.clone()).await;
     let _r2 = router_with(config.clone()).await;
@@ -74,6 +79,11 @@ async fn a_frozen_nats_server_is_left_behind_and_nothing_is_lost() {
     let redis = RedisServer::start();
     let mut config = test_config_for(nats.urls(), redis.address());
     config.nats.stream_replicas = 3;
+    // A pull answered by the dying server may be lost on the wire after the
+    // consumer recorded it as delivered: JetStream gives it again only after
+    // ack_wait (30 s by default), longer than these tests wait for an event
+    // on a busy machine (decision 0025). Nothing is lost either way.
+    config.nats.consumer_ack_wait_seconds = 3;
 
     let _r1 = router_with(config.clone()).await;
     let _r2 = router_with(config.clone()).await;
