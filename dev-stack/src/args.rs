@@ -27,7 +27,8 @@ pub struct Args {
     pub publisher: bool,
     pub publish_interval: Duration,
     pub ready_timeout: Duration,
-    /// A three-node NATS cluster (stream with three replicas) instead of one server.
+    /// A three-node NATS cluster (stream with three replicas) and a six-node
+    /// Redis Cluster instead of one server each.
     pub cluster: bool,
 }
 
@@ -92,8 +93,9 @@ options:
   --publish-interval-ms MS    sample event period (default 1000)
   --no-publisher              do not publish sample events
   --cluster                   three nats-server processes in a JetStream cluster (stream with
-                              3 replicas; --nats-port is the first one's). Redis stays one
-                              server: Redis Cluster is not supported yet
+                              3 replicas; --nats-port is the first one's) and a Redis Cluster
+                              of three masters and three replicas (redis.mode cluster;
+                              --redis-port is the first node's)
   --ready-timeout-secs S      how long to wait for every /ready (default 60)
   -h, --help                  this text
 

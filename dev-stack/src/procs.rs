@@ -51,6 +51,27 @@ pub fn pick_ports(wanted: &[(&str, Option<u16>)]) -> Result<Vec<u16>, String> {
     Ok(out)
 }
 
+/// `n` distinct free ports whose Redis Cluster bus port (`port + 10000`)
+/// is free and valid too (`redis-server --cluster-enabled` listens on both).
+pub fn pick_cluster_ports(n: usize) -> Result<Vec<u16>, String> {
+    let mut held = Vec::new();
+    let mut out = Vec::new();
+    for _ in 0..1000 {
+        if out.len() == n {
+            return Ok(out);
+        }
+        let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(|e| format!("no free port: {e}"))?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        held.push(listener);
+        let Some(bus) = port.checked_add(10000) else { continue };
+        if let Ok(b) = TcpListener::bind(("127.0.0.1", bus)) {
+            held.push(b);
+            out.push(port);
+        }
+    }
+    Err(format!("found only {} of {n} free port pairs (port and port + 10000) for the Redis Cluster", out.len()))
+}
+
 /// A running child with its output in a log file.
 pub struct Proc {
     pub name: String,

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::args::Args;
-use crate::procs::{Proc, find_system_binary, http_get, pick_ports, port_open};
+use crate::procs::{Proc, find_system_binary, http_get, pick_cluster_ports, pick_ports, port_open};
 use crate::publisher;
 use crate::secrets::DevSecrets;
 
@@ -307,6 +307,55 @@ async fn supervise(running: &mut Running, stop: &CancellationToken) -> i32 {
     }
 }
 
+/// Joins the six started nodes into a Redis Cluster with `redis-cli
+/// --cluster create` and waits until every node reports `cluster_state:ok`.
+async fn create_redis_cluster(
+    ports: &[u16],
+    running: &mut Running,
+    stop: &CancellationToken,
+) -> Result<(), StartError> {
+    let cli = find_system_binary("redis-cli", "redis-tools")?;
+    let mut create = tokio::process::Command::new(&cli);
+    create.arg("--cluster").arg("create");
+    for port in ports {
+        create.arg(format!("127.0.0.1:{port}"));
+    }
+    let out = create
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| format!("redis-cli: {e}"))?;
+    if !out.status.success() {
+        return Err(StartError::Failed(format!(
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    let healthy = || {
+        let cli = cli.clone();
+        async move {
+            for port in ports {
+                let info = tokio::process::Command::new(&cli)
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await;
+                match info {
+                    Ok(o) if String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok") => {}
+                    _ => return false,
+                }
+            }
+            true
+        }
+    };
+    if !wait_until("Redis Cluster", Duration::from_secs(30), running, stop, healthy).await? {
+        return Err(StartError::Failed("the Redis Cluster did not report cluster_state:ok within 30s".into()));
+    }
+    Ok(())
+}
+
 async fn start(
     args: &Args,
     state: &Path,
@@ -382,23 +431,47 @@ async fn start(
             .arg(state.join("nats"));
         running.servers.push(Proc::spawn("nats-server", nats, &logs.join("nats-server.log"))?);
     }
-    let mut redis = Command::new(&redis_bin);
-    redis
-        .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
-        .arg(state.join("redis"));
-    running.servers.push(Proc::spawn("redis-server", redis, &logs.join("redis-server.log"))?);
+    // --cluster: six redis-servers (three masters, three replicas); the
+    // first keeps --redis-port when given.
+    let redis_ports = match (args.cluster, args.redis_port) {
+        (false, _) => vec![redis_port],
+        (true, None) => pick_cluster_ports(6)?,
+        (true, Some(first)) => {
+            let mut p = vec![first];
+            p.extend(pick_cluster_ports(6)?.into_iter().filter(|x| *x != first).take(5));
+            p
+        }
+    };
+    for (i, port) in redis_ports.iter().enumerate() {
+        let (name, dir) = if args.cluster {
+            (format!("redis-server-{i}"), state.join(format!("redis-{i}")))
+        } else {
+            ("redis-server".to_string(), state.join("redis"))
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut redis = Command::new(&redis_bin);
+        redis.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if args.cluster {
+            redis.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+            redis.args(["--cluster-node-timeout", "3000"]);
+        }
+        redis.arg("--dir").arg(&dir);
+        running.servers.push(Proc::spawn(&name, redis, &logs.join(format!("{name}.log")))?);
+    }
     let mut listening: Vec<(&str, u16)> = nats_ports.iter().map(|p| ("nats-server", *p)).collect();
-    listening.push(("redis-server", redis_port));
+    listening.extend(redis_ports.iter().map(|p| ("redis-server", *p)));
     for (name, port) in listening {
         if !wait_until(name, Duration::from_secs(15), running, stop, || port_open(port)).await? {
             return Err(StartError::Failed(format!("{name} did not listen on port {port} within 15s")));
         }
     }
     let nats_url = nats_ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
-    let redis_address = format!("127.0.0.1:{redis_port}");
+    let redis_address = redis_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
     if args.cluster {
+        create_redis_cluster(&redis_ports, running, stop).await?;
         say(&format!(
-            "NATS JetStream cluster of three on {nats_url} (stream replicas 3), redis-server on {redis_address}"
+            "NATS JetStream cluster of three on {nats_url} (stream replicas 3), \
+             Redis Cluster of three masters and three replicas on {redis_address}"
         ));
     } else {
         say(&format!("nats-server -js on {nats_url}, redis-server on {redis_address}"));
@@ -410,6 +483,7 @@ async fn start(
             .env("DAISI_WS_NATS_URL", &nats_url)
             .env("DAISI_WS_REDIS_ADDRESS", &redis_address)
             .env("DAISI_WS_NATS_STREAM_REPLICAS", if args.cluster { "3" } else { "1" })
+            .env("DAISI_WS_REDIS_MODE", if args.cluster { "cluster" } else { "standalone" })
             .env("DAISI_WS_LOG_FORMAT", "text");
     };
     let mut router = Command::new(&router_bin);
@@ -493,6 +567,8 @@ mod tests {
         let ours = [
             "DAISI_WS_NATS_URL",
             "DAISI_WS_REDIS_ADDRESS",
+            "DAISI_WS_REDIS_MODE",
+            "DAISI_WS_NATS_STREAM_REPLICAS",
             "DAISI_WS_LOG_FORMAT",
             "DAISI_WS_ROUTER_BIND_ADDRESS",
             "DAISI_WS_ROUTER_HTTP_PORT",

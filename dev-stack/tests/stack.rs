@@ -244,15 +244,16 @@ fn dev_stack_serves_events_and_stops_cleanly() {
 }
 
 #[test]
-fn dev_stack_cluster_runs_a_three_node_nats_cluster_and_delivers() {
+fn dev_stack_cluster_runs_nats_and_redis_clusters_and_delivers() {
     let bin_dir: PathBuf = Path::new(STACK).parent().expect("bin dir").to_path_buf();
     build_app_binaries(&bin_dir);
 
     let mut stack = Stack::start_with(&bin_dir, &["--cluster"]);
     let vars = stack.read_until("WS_URL", Duration::from_secs(120));
     let pids: Vec<u32> = vars["PIDS"].split(',').map(|p| p.parse().expect("pid")).collect();
-    assert_eq!(pids.len(), 7, "three nats-servers, redis, router and two edges: {pids:?}");
+    assert_eq!(pids.len(), 12, "three nats-servers, six redis-servers, router and two edges: {pids:?}");
     assert_eq!(vars["NATS_URL"].split(',').count(), 3, "{}", vars["NATS_URL"]);
+    assert_eq!(vars["REDIS_ADDRESS"].split(',').count(), 6, "{}", vars["REDIS_ADDRESS"]);
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     rt.block_on(async {
@@ -281,6 +282,7 @@ fn dev_stack_cluster_runs_a_three_node_nats_cluster_and_delivers() {
         ws.close().await;
     });
     assert!(stack.output().contains("stream replicas 3"), "the banner says it is a cluster");
+    assert!(stack.output().contains("Redis Cluster of three masters"), "the banner says Redis is a cluster");
     assert_eq!(stack.stop(Duration::from_secs(40)), Some(0));
     for pid in pids {
         assert!(!alive(pid), "process {pid} left behind");
