@@ -32,6 +32,10 @@ async fn main() {
     }
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
     println!("listening on {}", listener.local_addr().expect("address"));
+    // TCP_NODELAY, as the edge sets on every socket.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let app = Router::new().fallback(any(|upgrade: Result<WsUpgrade, ws::upgrade::NotUpgrade>| async move {
         match upgrade {
             Ok(upgrade) => upgrade.on_upgrade(true, MAX_MESSAGE, echo),
@@ -82,6 +86,9 @@ async fn echo(socket: Socket) {
             poll_fn(|cx| tx.poll_urgent(cx)).await?;
             tx.start(f);
         }
+        // The echoes first: the close, as an urgent frame, would go before
+        // frames not yet begun.
+        poll_fn(|cx| tx.poll_flush_io(cx)).await?;
         tx.push_close(close_frame);
         poll_fn(|cx| tx.poll_flush_io(cx)).await?;
         if !client_closed {
@@ -91,7 +98,10 @@ async fn echo(socket: Socket) {
                 }
             }
         }
-        poll_fn(|cx| tx.poll_shutdown(cx)).await
+        poll_fn(|cx| tx.poll_shutdown(cx)).await?;
+        // Read what the client still sends until it closes too, so the
+        // socket is not reset under the replies it has not read yet.
+        tokio::io::copy(&mut rx.into_inner(), &mut tokio::io::sink()).await.map(|_| ())
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), finish).await;
 }

@@ -4,6 +4,9 @@
 //! a correct client sends comes out as sent. The case count is bounded
 //! (`PROPTEST_CASES`, default 256 per property) so CI time stays small.
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +17,7 @@ use daisi_edge::ws::deflate;
 use daisi_edge::ws::frame::{FrameError, Incoming, Reader};
 use futures_util::StreamExt;
 use proptest::prelude::*;
+use tokio::io::{AsyncRead, ReadBuf};
 
 const MAX: usize = 64 * 1024;
 
@@ -23,6 +27,41 @@ fn read_all(wire: &[u8], deflate: bool, max: usize) -> Vec<Result<Incoming, Opti
     rt.block_on(async {
         let reader = Reader::new(wire, deflate, max);
         let all = reader.map(|r| r.map_err(|e: FrameError| e.close_code())).collect::<Vec<_>>();
+        tokio::time::timeout(Duration::from_secs(10), all).await.expect("the reader ends")
+    })
+}
+
+/// Hands out `wire` in reads of the given sizes, in turn, as a network
+/// might; at the end, EOF, or (`stall`) a peer that sends nothing more.
+struct Chopped {
+    wire: Vec<u8>,
+    at: usize,
+    sizes: Vec<usize>,
+    turn: usize,
+    stall: bool,
+}
+
+impl AsyncRead for Chopped {
+    fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.at == this.wire.len() && this.stall {
+            return Poll::Pending;
+        }
+        let size = this.sizes.get(this.turn % this.sizes.len().max(1)).copied().unwrap_or(1).max(1);
+        this.turn += 1;
+        let end = (this.at + size).min(this.wire.len()).min(this.at + buf.remaining());
+        buf.put_slice(&this.wire[this.at..end]);
+        this.at = end;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// What a reader yields from `wire` read in pieces of `sizes` (then EOF).
+fn read_chopped(wire: &[u8], sizes: &[usize], deflate: bool) -> Vec<Result<Incoming, Option<u16>>> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    rt.block_on(async {
+        let io = Chopped { wire: wire.to_vec(), at: 0, sizes: sizes.to_vec(), turn: 0, stall: false };
+        let all = Reader::new(io, deflate, MAX).map(|r| r.map_err(|e: FrameError| e.close_code())).collect::<Vec<_>>();
         tokio::time::timeout(Duration::from_secs(10), all).await.expect("the reader ends")
     })
 }
@@ -154,6 +193,55 @@ proptest! {
             expected.push(Ok(Incoming::Ping(Bytes::from_static(b"p"))));
         }
         prop_assert_eq!(read_all(&wire, true, MAX), expected);
+    }
+
+    /// However the bytes are split into reads (frame headers, payloads and
+    /// characters cut anywhere), the reader yields the same, for correct
+    /// clients and for a byte gone wrong anywhere.
+    #[test]
+    fn reads_split_anywhere_give_the_same_result(
+        messages in proptest::collection::vec(message(), 1..4),
+        flip in proptest::option::of((any::<usize>(), 1u8..=255)),
+        sizes in proptest::collection::vec(1usize..48, 1..6),
+    ) {
+        let mut wire: Vec<u8> = messages.iter().flat_map(Message::wire).collect();
+        let expected: Vec<_> = messages.iter().map(|m| Ok(m.expected())).collect();
+        prop_assert_eq!(read_chopped(&wire, &sizes, true), expected);
+        if let Some((at, bits)) = flip {
+            let i = at % wire.len();
+            wire[i] ^= bits;
+            prop_assert_eq!(read_chopped(&wire, &sizes, true), read_all(&wire, true, MAX));
+        }
+    }
+
+    /// Invalid text fails (1007) as soon as the byte that makes it invalid
+    /// has arrived, though the rest of its frame never comes (Autobahn 6.4.3).
+    #[test]
+    fn invalid_text_fails_before_its_frame_is_complete(
+        text in "[a-zé€😀 ]{0,200}",
+        at in any::<usize>(),
+        bad in prop_oneof![0x80u8..=0xc1, 0xf5u8..=0xff],
+        tail in proptest::collection::vec(any::<u8>(), 0..100),
+        sizes in proptest::collection::vec(1usize..48, 1..6),
+        mask in any::<[u8; 4]>(),
+    ) {
+        let boundaries: Vec<usize> = (0..=text.len()).filter(|&i| text.is_char_boundary(i)).collect();
+        let cut = boundaries[at % boundaries.len()];
+        let mut payload = text.as_bytes()[..cut].to_vec();
+        payload.push(bad);
+        payload.extend_from_slice(&tail);
+        let frame = client_frame(0x81, &payload, mask);
+        let header = frame.len() - payload.len();
+        // Everything up to the bad byte, then silence.
+        let wire = frame[..header + cut + 1].to_vec();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let first = rt.block_on(async {
+            let io = Chopped { wire, at: 0, sizes: sizes.clone(), turn: 0, stall: true };
+            let mut reader = Reader::new(io, false, MAX);
+            tokio::time::timeout(Duration::from_secs(10), reader.next()).await
+        });
+        let first = first.expect("fails without the rest of the frame").map(|r| r.map_err(|e| e.close_code()));
+        prop_assert_eq!(first, Some(Err(Some(1007))));
     }
 
     /// Any `Sec-WebSocket-Extensions` value: no panic, and an accepted offer

@@ -99,26 +99,31 @@ thread_local! {
 
 /// Compresses one whole message as RFC 7692 wants it on the wire: raw
 /// deflate, sync-flushed, without the trailing `00 00 ff ff`. `None` if the
-/// compressor fails (the message is then sent plain).
+/// compressor fails (the message is then sent plain, which RFC 7692 allows).
+///
+/// One call into a buffer with room for the worst case (stored blocks): the
+/// Rust backend wrote corrupt streams for some inputs when the output buffer
+/// filled up mid-message and the call was repeated with more room (found by
+/// Autobahn case 12.2.9; see decision 0026). Should that room ever not
+/// suffice, the message goes out plain rather than through that path.
 pub fn compress(input: &[u8]) -> Option<Bytes> {
     COMPRESS.with(|c| {
         let mut c = c.borrow_mut();
         c.reset();
-        let mut out = Vec::with_capacity(input.len() / 2 + 64);
-        loop {
-            let consumed = c.total_in() as usize;
-            if c.compress_vec(&input[consumed..], &mut out, FlushCompress::Sync).is_err() {
-                return None;
-            }
-            // Done once all input is in and the flush did not fill the buffer.
-            if c.total_in() as usize == input.len() && out.len() < out.capacity() {
-                break;
-            }
-            out.reserve(out.capacity().max(64));
+        // Stored blocks cost 5 bytes per 64 KiB; the flush and the block
+        // headers a few more.
+        let room = input.len().saturating_add(input.len() / 8).saturating_add(64);
+        let mut out = Vec::with_capacity(room);
+        let status = c.compress_vec(input, &mut out, FlushCompress::Sync).ok()?;
+        let whole = u64::try_from(input.len()).is_ok_and(|n| c.total_in() == n);
+        if status != Status::Ok || !whole || out.len() == out.capacity() {
+            return None;
         }
         if out.ends_with(&TAIL) {
             out.truncate(out.len() - TAIL.len());
         }
+        // Events wait in socket queues: keep only what the frame needs.
+        out.shrink_to_fit();
         Some(Bytes::from(out))
     })
 }
@@ -244,6 +249,26 @@ mod tests {
         let mut out = Vec::with_capacity(1024);
         c.compress_vec(b"abcabcabc", &mut out, FlushCompress::Sync).unwrap();
         assert_eq!(inflate(&out[..out.len() - 4], 100).unwrap(), b"abcabcabc");
+    }
+
+    #[test]
+    fn large_poorly_compressible_messages_round_trip() {
+        // Messages that need more output than half their size: the case that
+        // corrupted streams when the compressor was called again for room.
+        let mut x: u32 = 0x1234_5678;
+        for len in [1000, 40_000, 65_536, 131_072, 300_000] {
+            let data: Vec<u8> = (0..len)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    if x.is_multiple_of(3) { (i / 512) as u8 } else { x as u8 }
+                })
+                .collect();
+            let packed = compress(&data).expect("compressed");
+            assert!(packed.len() > len / 2, "{len}: {}", packed.len());
+            assert_eq!(inflate(&packed, 1 << 20).unwrap(), data, "{len}");
+        }
     }
 
     #[test]

@@ -154,9 +154,6 @@ struct Partial {
     opcode: u8,
     compressed: bool,
     data: Vec<u8>,
-    /// How many leading bytes of `data` are known to be valid UTF-8 (plain
-    /// text only), so invalid text fails at the fragment that carries it.
-    utf8_ok: usize,
 }
 
 /// A parsed frame header.
@@ -259,7 +256,8 @@ fn parse_header(
 }
 
 /// Unmasks `payload` in place (`offset`: its position in the frame's payload).
-fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+fn unmask(payload: &mut [u8], mut mask: [u8; 4], offset: usize) {
+    mask.rotate_left(offset % 4);
     let word = u32::from_ne_bytes(mask);
     let mut chunks = payload.chunks_exact_mut(4);
     for chunk in &mut chunks {
@@ -272,15 +270,50 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
     }
 }
 
-/// Checks the bytes of `data` after `from` as the continuation of valid
-/// UTF-8 text; returns how far it is now known valid. An incomplete sequence
-/// at the end is fine (the next fragment may complete it) unless `complete`.
-fn check_utf8(data: &[u8], from: usize, complete: bool) -> Result<usize, FrameError> {
-    let rest = data.get(from..).unwrap_or_default();
-    match std::str::from_utf8(rest) {
-        Ok(_) => Ok(data.len()),
-        Err(e) if e.error_len().is_none() && !complete => Ok(from + e.valid_up_to()),
-        Err(_) => Err(FrameError::BadData("text is not UTF-8")),
+/// UTF-8 validation of text that arrives in pieces (fragments, and the
+/// parts of a frame as they are read), so invalid text fails as soon as the
+/// bytes that make it invalid arrive: it keeps only the bytes of a character
+/// not yet complete.
+#[derive(Debug, Default, Clone, Copy)]
+struct Utf8 {
+    carry: [u8; 4],
+    len: usize,
+}
+
+const NOT_UTF8: FrameError = FrameError::BadData("text is not UTF-8");
+
+impl Utf8 {
+    /// Checks `bytes` as the continuation of the text so far. A character
+    /// cut at the end is fine: the next piece may complete it.
+    fn feed(&mut self, mut bytes: &[u8]) -> Result<(), FrameError> {
+        // First complete (or refute) the character carried from before.
+        while self.len > 0 {
+            let Some((&b, rest)) = bytes.split_first() else { return Ok(()) };
+            bytes = rest;
+            let slot = self.carry.get_mut(self.len).ok_or(NOT_UTF8)?;
+            *slot = b;
+            self.len += 1;
+            match std::str::from_utf8(&self.carry[..self.len]) {
+                Ok(_) => self.len = 0,
+                Err(e) if e.error_len().is_none() => {}
+                Err(_) => return Err(NOT_UTF8),
+            }
+        }
+        match std::str::from_utf8(bytes) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                let cut = bytes.get(e.valid_up_to()..).unwrap_or_default();
+                self.carry.get_mut(..cut.len()).ok_or(NOT_UTF8)?.copy_from_slice(cut);
+                self.len = cut.len();
+                Ok(())
+            }
+            Err(_) => Err(NOT_UTF8),
+        }
+    }
+
+    /// The text is complete: no character may be left cut.
+    fn end(&self) -> Result<(), FrameError> {
+        if self.len == 0 { Ok(()) } else { Err(NOT_UTF8) }
     }
 }
 
@@ -290,6 +323,11 @@ pub struct Reader<R> {
     /// Bytes of an incomplete frame; empty, and unallocated, between frames.
     buf: BytesMut,
     partial: Option<Box<Partial>>,
+    /// Payload bytes of the frame at the head of `buf` already unmasked in
+    /// place (and checked, for text): each byte is looked at once, as it arrives.
+    scanned: usize,
+    /// Validation state of the plain text message being received.
+    utf8: Utf8,
     /// Since when a message has been incomplete (a frame partly received, or
     /// a fragmented message still open); `None` between messages.
     incomplete_since: Option<Instant>,
@@ -302,7 +340,17 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// `deflate`: the socket negotiated permessage-deflate. `max_message`:
     /// the largest message accepted, on the wire and after inflating.
     pub fn new(io: R, deflate: bool, max_message: usize) -> Self {
-        Self { io, buf: BytesMut::new(), partial: None, incomplete_since: None, deflate, max_message, done: false }
+        Self {
+            io,
+            buf: BytesMut::new(),
+            partial: None,
+            scanned: 0,
+            utf8: Utf8::default(),
+            incomplete_since: None,
+            deflate,
+            max_message,
+            done: false,
+        }
     }
 
     /// Since when the client has left a message incomplete (part of a frame,
@@ -310,6 +358,14 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// socket's owner closes a client that takes too long (see 0011).
     pub fn incomplete_since(&self) -> Option<Instant> {
         self.incomplete_since
+    }
+
+    /// The transport, to drain what the client still sends after a close:
+    /// a socket closed with unread input is reset, and a reset can make the
+    /// client's TCP stack discard what it received but has not read yet
+    /// (the last replies and the close frame).
+    pub fn into_inner(self) -> R {
+        self.io
     }
 
     /// Bytes this reader holds for an incomplete message (for tests and
@@ -326,18 +382,39 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                 return Ok(None);
             };
             let total = h.len.checked_add(h.payload_len).ok_or(FrameError::TooBig)?;
-            if self.buf.len() < total {
+            // Plain text is checked as it arrives, so a client sending
+            // invalid text fails at once, not when its frame is complete.
+            let text = match h.opcode {
+                OP_TEXT => !h.rsv1,
+                OP_CONTINUATION => self.partial.as_ref().is_some_and(|p| p.opcode == OP_TEXT && !p.compressed),
+                _ => false,
+            };
+            if text && h.opcode == OP_TEXT && self.scanned == 0 {
+                self.utf8 = Utf8::default();
+            }
+            let arrived = self.buf.len().min(total);
+            let from = h.len.saturating_add(self.scanned);
+            let fresh = self.buf.get_mut(from..arrived).unwrap_or_default();
+            unmask(fresh, h.mask, self.scanned);
+            if text {
+                self.utf8.feed(fresh)?;
+            }
+            self.scanned = arrived.saturating_sub(h.len);
+            if arrived < total {
                 // Grows only as bytes arrive (see `poll_next`).
                 return Ok(None);
+            }
+            self.scanned = 0;
+            if text && h.fin {
+                self.utf8.end()?;
             }
             let frame = self.buf.split_to(total);
             if self.buf.is_empty() {
                 // Give the allocation back: an idle socket keeps no buffer.
                 self.buf = BytesMut::new();
             }
-            let mut payload = frame.get(h.len..).unwrap_or_default().to_vec();
+            let payload = frame.get(h.len..).unwrap_or_default().to_vec();
             drop(frame);
-            unmask(&mut payload, h.mask);
             match h.opcode {
                 OP_PING => return Ok(Some(Incoming::Ping(payload.into()))),
                 OP_PONG => return Ok(Some(Incoming::Pong)),
@@ -347,9 +424,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                         return Err(FrameError::Protocol("continuation without a message"));
                     };
                     partial.data.extend_from_slice(&payload);
-                    if partial.opcode == OP_TEXT && !partial.compressed {
-                        partial.utf8_ok = check_utf8(&partial.data, partial.utf8_ok, h.fin)?;
-                    }
                     if h.fin {
                         let Some(p) = self.partial.take() else {
                             return Err(FrameError::Protocol("continuation without a message"));
@@ -362,8 +436,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
                     if h.fin {
                         return self.finish(opcode, h.rsv1, payload).map(Some);
                     }
-                    let utf8_ok = if opcode == OP_TEXT && !h.rsv1 { check_utf8(&payload, 0, false)? } else { 0 };
-                    self.partial = Some(Box::new(Partial { opcode, compressed: h.rsv1, data: payload, utf8_ok }));
+                    self.partial = Some(Box::new(Partial { opcode, compressed: h.rsv1, data: payload }));
                 }
             }
         }
@@ -803,6 +876,34 @@ mod tests {
         // No final frame: the error comes from the bad fragment alone.
         let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader.next()).await.unwrap();
         assert_eq!(got.unwrap().unwrap_err().close_code(), Some(1007));
+    }
+
+    #[tokio::test]
+    async fn invalid_text_fails_before_its_frame_is_complete() {
+        // Autobahn 6.4.3: one text frame sent in three parts, the second
+        // carrying a code point above U+10FFFF; the third never comes.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut reader = Reader::new(server, false, 1000);
+        let good = "κόσμε".as_bytes();
+        let frame = client_frame(FIN | OP_TEXT, &[good, &[0xf4, 0x90, 0x80, 0x80], b"edited"].concat());
+        let header = frame.len() - good.len() - 10;
+        client.write_all(&frame[..header + good.len()]).await.unwrap();
+        client.write_all(&frame[header + good.len()..header + good.len() + 2]).await.unwrap();
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), reader.next()).await;
+        assert_eq!(got.expect("no need for the rest").unwrap().unwrap_err().close_code(), Some(1007));
+    }
+
+    #[tokio::test]
+    async fn text_cut_inside_characters_comes_out_whole() {
+        // Each byte in its own read: characters and the mask cut everywhere.
+        let text = "aé€😀 κόσμε ".repeat(20);
+        let mut wire = client_frame(OP_TEXT, &text.as_bytes()[..101]);
+        wire.extend(client_frame(FIN | OP_CONTINUATION, &text.as_bytes()[101..]));
+        wire.extend(client_frame(FIN | OP_TEXT, text.as_bytes()));
+        let (mut client, server) = tokio::io::duplex(1);
+        tokio::spawn(async move { client.write_all(&wire).await });
+        let got: Vec<_> = Reader::new(server, false, 1000).take(2).map(Result::unwrap).collect().await;
+        assert_eq!(got, vec![Incoming::Text(text.clone()), Incoming::Text(text)]);
     }
 
     #[tokio::test]
