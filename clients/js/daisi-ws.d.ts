@@ -36,6 +36,18 @@ export interface DaisiClientOptions {
   rateLimitedMs?: number;
   /** Recent sequences remembered per subject to drop duplicates (default 1024). */
   seenPerSubject?: number;
+  /**
+   * Resume each subject from the highest seq received at least this long
+   * before the connection's last message, not from the highest seq (default
+   * 2000 ms; 0 = from the highest): an older event overtaken by a newer one
+   * between two routers and lost with the socket is then replayed. The events
+   * re-sent with it are dropped as duplicates. See docs/PROTOCOL.md, Resume.
+   */
+  resumeLagMs?: number;
+  /** At most this many events of a subject are inside that window (default 100; 0 = no lag). */
+  resumeLagEvents?: number;
+  /** The clock, milliseconds (default `Date.now`; for tests). */
+  clock?: () => number;
   /** A WebSocket implementation (default `globalThis.WebSocket`). */
   WebSocket?: typeof WebSocket;
 }

@@ -22,6 +22,9 @@ const DEFAULTS = Object.freeze({
   rateLimitedMs: 30000,
   seenPerSubject: 1024,
   resume: true,
+  resumeLagMs: 2000,
+  resumeLagEvents: 100,
+  clock: () => Date.now(),
 });
 
 /** Splits `websocket.{c}.{a}.messages.{chat}` → chat id (or null). */
@@ -63,6 +66,45 @@ class Seen {
   }
 }
 
+/**
+ * The events of one subject received lately, to resume a little behind the
+ * last one: with several routers an older event can reach the edge just after
+ * a newer one, be queued behind it and be lost with the socket, below the
+ * highest position (docs/decisions/0017-resume-protocol.md). Resuming from
+ * the highest seq received at least `lagMs` before the last message of the
+ * connection (at most `lagEvents` events back) has such an event replayed;
+ * the events re-sent with it are dropped as duplicates.
+ */
+class Recent {
+  /** @param {number | undefined} base the subject's position before these events */
+  constructor(base) {
+    this.base = base;
+    /** [seq, received at (ms)], in arrival order */
+    this.items = [];
+  }
+  /** Records an event received at `at`; folds what can no longer be inside a window into `base`. */
+  push(seq, at, lagMs, lagEvents) {
+    this.items.push([seq, at]);
+    while (this.items.length > 0 && (this.items.length > lagEvents || this.items[0][1] <= at - lagMs)) {
+      this.fold(this.items.shift()[0]);
+    }
+  }
+  fold(seq) {
+    this.base = this.base === undefined ? seq : Math.max(this.base, seq);
+  }
+  /** The highest seq received at or before `reference - lagMs` (or the base); undefined if unknown. */
+  position(reference, lagMs) {
+    let p = this.base;
+    for (const [seq, at] of this.items) if (at <= reference - lagMs) p = p === undefined ? seq : Math.max(p, seq);
+    return p;
+  }
+  /** Restarts at `seq` (a gap's cut). */
+  reset(seq) {
+    this.base = seq;
+    this.items = [];
+  }
+}
+
 export class DaisiClient {
   /**
    * @param {import("./daisi-ws").DaisiClientOptions} options
@@ -93,6 +135,10 @@ export class DaisiClient {
     /** chat id → position, for chats resumed through select_chat */
     this.chatPositions = new Map();
     this.seen = new Map();
+    /** subject → Recent (the lag window of resume) */
+    this.recent = new Map();
+    /** when the last message of any connection was received (ms), the reference of the lag window */
+    this.lastReceipt = 0;
     this.stats = { events: 0, replayed: 0, duplicates: 0, gaps: 0, connects: 0 };
     const seed = options.positions;
     if (seed) {
@@ -181,11 +227,28 @@ export class DaisiClient {
     return this.token;
   }
 
+  /**
+   * Where to resume `subject` from: its highest seq `position`, moved back
+   * to the highest seq received at least `resumeLagMs` before the last
+   * message of the connection (see `Recent`); never below `atLeast`.
+   */
+  resumeFrom(subject, position, atLeast) {
+    const recent = this.recent.get(subject);
+    if (!recent || this.options.resumeLagEvents <= 0) return position;
+    const lagged = recent.position(this.lastReceipt, this.options.resumeLagMs);
+    if (lagged === undefined) return position;
+    let from = Math.min(position, lagged);
+    if (atLeast !== null && atLeast !== undefined) from = Math.max(from, atLeast);
+    return from;
+  }
+
   resumeParam() {
     const items = [];
     if (this.floor !== null) items.push(String(this.floor));
     for (const [subject, seq] of this.positions) {
-      if (isConnectTime(subject) && (this.floor === null || seq > this.floor)) items.push(`${subject}:${seq}`);
+      if (!isConnectTime(subject)) continue;
+      const from = this.resumeFrom(subject, seq, this.floor);
+      if (this.floor === null || from > this.floor) items.push(`${subject}:${from}`);
     }
     return items.join(",");
   }
@@ -222,6 +285,7 @@ export class DaisiClient {
     };
     ws.onmessage = (m) => {
       if (this.ws !== ws) return;
+      this.lastReceipt = this.options.clock();
       let msg;
       try {
         msg = JSON.parse(m.data);
@@ -258,8 +322,17 @@ export class DaisiClient {
       this.stats.duplicates++;
       return;
     }
-    if (!(this.positions.get(subject) >= seq)) this.positions.set(subject, seq);
     const chat = chatOf(subject);
+    let recent = this.recent.get(subject);
+    if (!recent) {
+      // The position before this subject's first remembered event.
+      const before = chat !== null ? this.chatPositions.get(chat) : (this.positions.get(subject) ?? this.floor);
+      recent = new Recent(before ?? undefined);
+      this.recent.set(subject, recent);
+    }
+    const lagEvents = Math.min(this.options.resumeLagEvents, this.options.seenPerSubject);
+    recent.push(seq, this.lastReceipt || this.options.clock(), this.options.resumeLagMs, Math.max(lagEvents, 0));
+    if (!(this.positions.get(subject) >= seq)) this.positions.set(subject, seq);
     if (chat !== null && !(this.chatPositions.get(chat) >= seq)) this.chatPositions.set(chat, seq);
     this.stats.events++;
     if (replayed) this.stats.replayed++;
@@ -273,6 +346,9 @@ export class DaisiClient {
       // The application reloads that view; positions restart at the cut.
       for (const subject of [...this.positions.keys()]) {
         if (matches(gap.subject, subject)) this.positions.set(subject, until);
+      }
+      for (const [subject, recent] of this.recent) {
+        if (matches(gap.subject, subject)) recent.reset(until);
       }
       if (!gap.subject.includes("*")) this.positions.set(gap.subject, until);
       const chat = chatOf(gap.subject);
@@ -298,7 +374,11 @@ export class DaisiClient {
   sendSelect() {
     const chat = this.selected;
     const payload = { chat_id: chat };
-    const pos = this.chatPositions.get(chat);
+    let pos = this.chatPositions.get(chat);
+    if (pos !== undefined) {
+      const subject = [...this.recent.keys()].find((s) => chatOf(s) === chat);
+      if (subject !== undefined) pos = this.resumeFrom(subject, pos, null);
+    }
     if (this.options.resume) {
       if (pos !== undefined) payload.after_seq = pos;
       // A chat selected for the first time starts at the latest message (sent

@@ -66,7 +66,8 @@ const chats = "websocket.c.a1.chats";
 const ev = (seq, subject = chats) => ({ type: "event", seq, subject, payload: { seq } });
 
 test("resumes from the floor and the last seq, drops duplicates, re-selects the chat with after_seq", async () => {
-  const { c, seen } = client();
+  // resumeLagMs 0: from the highest seq received (no lag window).
+  const { c, seen } = client({ resumeLagMs: 0 });
   c.start();
   await until("first socket", () => FakeSocket.all.length === 1);
   const s1 = FakeSocket.all[0];
@@ -98,6 +99,99 @@ test("resumes from the floor and the last seq, drops duplicates, re-selects the 
   assert.equal(c.state, "closed");
 });
 
+/** A clock the test moves by hand. */
+function manualClock() {
+  const clock = () => clock.now;
+  clock.now = 1_000_000;
+  return clock;
+}
+
+test("resumes from the last seq received lagMs before the last message: an event overtaken and lost with the socket is replayed", async () => {
+  const clock = manualClock();
+  const { c, seen } = client({ clock, resumeLagMs: 2000 });
+  c.start();
+  await until("first socket", () => FakeSocket.all.length === 1);
+  const s1 = FakeSocket.all[0];
+  s1.server({ type: "ready", payload: { stream_seq: 10 } });
+  s1.server(ev(11));
+  s1.server(ev(12));
+  clock.now += 5000;
+  s1.server(ev(13));
+  clock.now += 1000;
+  // 15 (router B) is written; 14 (router A) was queued behind it and dies with the socket.
+  s1.server(ev(15));
+  clock.now += 30000; // the drop is noticed late: the window is measured from the last message
+  s1.serverClose(1006);
+  await until("second socket", () => FakeSocket.all.length === 2);
+  const s2 = FakeSocket.all[1];
+  assert.equal(s2.url.searchParams.get("resume"), `10,${chats}:12`, "12 was the last seq received 2 s before 15");
+  for (const seq of [13, 14, 15, 16]) s2.server(ev(seq)); // the edge replays everything after 12
+  s2.server({ type: "ready", payload: { stream_seq: 16 } });
+  assert.deepEqual(seen.events, [11, 12, 13, 15, 14, 16].map((q) => `${chats}#${q}`), "each once; 14 not lost");
+  assert.equal(c.stats.duplicates, 2, "13 and 15 re-sent by the lagged resume, dropped");
+  c.stop();
+});
+
+test("the lag window holds at most resumeLagEvents events of a subject", async () => {
+  const clock = manualClock();
+  const { c } = client({ clock, resumeLagMs: 60000, resumeLagEvents: 2 });
+  c.start();
+  await until("first socket", () => FakeSocket.all.length === 1);
+  const s1 = FakeSocket.all[0];
+  s1.server({ type: "ready", payload: { stream_seq: 10 } });
+  for (const seq of [11, 12, 13, 14, 15]) s1.server(ev(seq));
+  s1.serverClose(1006);
+  await until("second socket", () => FakeSocket.all.length === 2);
+  assert.equal(FakeSocket.all[1].url.searchParams.get("resume"), `10,${chats}:13`, "14 and 15 are the window");
+  c.stop();
+});
+
+test("a subject whose events are all inside the window resumes from its position before them, never below the floor", async () => {
+  const clock = manualClock();
+  const { c } = client({ clock });
+  c.start();
+  await until("first socket", () => FakeSocket.all.length === 1);
+  const s1 = FakeSocket.all[0];
+  s1.server({ type: "ready", payload: { stream_seq: 10 } });
+  s1.server(ev(11));
+  s1.serverClose(1006);
+  await until("second socket", () => FakeSocket.all.length === 2);
+  const s2 = FakeSocket.all[1];
+  assert.equal(s2.url.searchParams.get("resume"), "10", "from the floor: 11 is inside the window");
+  s2.server(ev(11)); // replayed again: dropped
+  s2.server(ev(12));
+  s2.server({ type: "ready", payload: { stream_seq: 30 } });
+  clock.now += 5000;
+  s2.server(ev(31));
+  s2.serverClose(1006);
+  await until("third socket", () => FakeSocket.all.length === 3);
+  assert.equal(FakeSocket.all[2].url.searchParams.get("resume"), "30", "the window's base (12) is below the new floor");
+  assert.equal(c.stats.duplicates, 1);
+  c.stop();
+});
+
+test("the selected chat resumes through select_chat with the lagged position", async () => {
+  const clock = manualClock();
+  const { c, seen } = client({ clock });
+  const chat = "websocket.c.a1.messages.x";
+  c.start();
+  await until("first socket", () => FakeSocket.all.length === 1);
+  const s1 = FakeSocket.all[0];
+  s1.server({ type: "ready", payload: { stream_seq: 20 } });
+  c.selectChat("x");
+  s1.server(ev(21, chat));
+  clock.now += 3000;
+  s1.server(ev(23, chat));
+  s1.serverClose(1006);
+  await until("second socket", () => FakeSocket.all.length === 2);
+  const s2 = FakeSocket.all[1];
+  s2.server({ type: "ready", payload: { stream_seq: 25 } });
+  assert.deepEqual(s2.sent.at(-1), { type: "select_chat", payload: { chat_id: "x", after_seq: 21 } });
+  for (const seq of [22, 23]) s2.server(ev(seq, chat));
+  assert.deepEqual(seen.events, [21, 23, 22].map((q) => `${chat}#${q}`));
+  c.stop();
+});
+
 test("a gap moves the position to its cut and is emitted", async () => {
   const { c, seen } = client();
   c.start();
@@ -107,9 +201,10 @@ test("a gap moves the position to its cut and is emitted", async () => {
   s.server({ type: "ready", payload: { stream_seq: 50 } });
   assert.equal(seen.gaps.length, 1);
   assert.equal(seen.gaps[0].reason, "limit");
+  s.server(ev(51));
   s.serverClose(1012);
   await until("reconnect", () => FakeSocket.all.length === 2);
-  assert.equal(FakeSocket.all[1].url.searchParams.get("resume"), "50");
+  assert.equal(FakeSocket.all[1].url.searchParams.get("resume"), "50", "the window restarts at the cut");
   c.stop();
 });
 
