@@ -440,10 +440,15 @@ impl Presence {
         }
     }
 
-    /// Adds this edge to a route key (first local socket) and waits until Redis
-    /// has it. The local reference is kept even when this fails.
+    /// Adds this edge to a route key and waits until Redis has it: the first
+    /// local socket writes it; a later one returns at once only if a write
+    /// already succeeded, else it queues its own write behind the one in
+    /// flight (a socket told "routed" while the first write is still on its
+    /// way would have events stored meanwhile acked as "no route", and a
+    /// resume's cut taken too early: decision 0017). The local reference is
+    /// kept even when this fails.
     pub async fn add_route(&self, key: &str, class: RouteClass) -> Result<(), RouteError> {
-        let first = {
+        let (first, written) = {
             let mut entry = self.routes.entry(key.to_string()).or_insert(RouteState {
                 refs: 0,
                 class,
@@ -452,11 +457,11 @@ impl Presence {
             });
             entry.refs += 1;
             entry.since = Instant::now();
-            entry.refs == 1
+            (entry.refs == 1, entry.written)
         };
         // Even a known route is written again if this call is the first ref,
         // so a removal queued just before is overtaken in order.
-        if !first {
+        if !first && written {
             return Ok(());
         }
         let (tx, rx) = oneshot::channel();
@@ -860,7 +865,7 @@ async fn route_writer(
                 RouteOp::Add(key, tx) => {
                     let ttl = p.routes.get(&key).map(|s| p.route_ttl_ms(&cfg, &s)).unwrap_or(0);
                     removes.retain(|k| *k != key);
-                    if ttl > 0 {
+                    if ttl > 0 && !adds.iter().any(|(k, _)| *k == key) {
                         adds.push((key, ttl));
                     }
                     waiters.push(tx);
@@ -905,5 +910,56 @@ async fn route_writer(
                 Err(e) => Err(RouteError(e.0.clone())),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use daisi_testkit::{RedisServer, test_config_for, unique};
+
+    async fn member(redis: &RedisServer, key: &str, pod: &str) -> bool {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let score: Option<f64> = redis::cmd("ZSCORE").arg(key).arg(pod).query_async(&mut conn).await.unwrap();
+        score.is_some()
+    }
+
+    /// A second socket on a route whose first write is still on its way is
+    /// not told "routed" before Redis has the route: events stored meanwhile
+    /// would be acked as "no route" and lost to it (and a resume's cut would
+    /// be taken too early).
+    #[tokio::test]
+    async fn a_later_socket_on_a_route_being_written_waits_for_redis() {
+        let redis = RedisServer::start();
+        let cfg = test_config_for("nats://127.0.0.1:1".into(), redis.address());
+        let pod = cfg.server.pod_id.clone();
+        let conn = daisi_common::deps::redis_manager(daisi_common::deps::redis_client(&cfg.redis).unwrap()).unwrap();
+        let (_tx, config) = watch::channel(Arc::new(cfg));
+        let shutdown = CancellationToken::new();
+        let presence = Presence::new(pod.clone(), "127.0.0.1:1".into(), conn, config, shutdown.clone());
+        let key = names::chats_route_key(&unique("co"), "agent");
+
+        redis.freeze();
+        let first = tokio::spawn({
+            let (presence, key) = (presence.clone(), key.clone());
+            async move { presence.add_route(&key, RouteClass::Plain).await }
+        });
+        daisi_testkit::eventually(Duration::from_secs(10), "the first socket's reference", || async {
+            presence.routes.get(&key).is_some_and(|r| r.refs == 1).then_some(())
+        })
+        .await;
+        // Redis answers nothing while this runs: "routed" would be a lie.
+        let second = presence.add_route(&key, RouteClass::Plain).await;
+        assert!(second.is_err(), "a second socket was told its route is registered while Redis was frozen");
+        assert!(first.await.unwrap().is_err());
+
+        redis.thaw();
+        daisi_testkit::eventually(Duration::from_secs(20), "a third socket's route registered", || async {
+            presence.add_route(&key, RouteClass::Plain).await.ok()
+        })
+        .await;
+        assert!(member(&redis, &key, &pod).await, "add_route returned Ok without the route in Redis");
+        shutdown.cancel();
     }
 }
