@@ -68,6 +68,9 @@ pub struct ScenarioReport {
     pub expected: u64,
     pub delivered: u64,
     pub duplicates: u64,
+    /// Deliveries that arrived after a later event of the same socket.
+    #[serde(default)]
+    pub reordered: u64,
     pub lost: u64,
     pub deliveries_per_sec: f64,
     /// Seconds between the last publish and the last expected delivery.
@@ -78,7 +81,8 @@ pub struct ScenarioReport {
     pub last_socket_latency: Option<Summary>,
     pub takeovers: Option<Takeovers>,
     /// CPU use during the measured phase (connect for idle, publishing for
-    /// fanout/routed, takeovers for migration).
+    /// fanout/routed, takeovers for migration, from the kill until every
+    /// socket is back for resume).
     pub cpu: Option<CpuReport>,
     /// The edges' own view of the measured phase (daisi only).
     pub edge_side: Option<EdgeSide>,
@@ -88,6 +92,9 @@ pub struct ScenarioReport {
     pub reconnected: u64,
     #[serde(default)]
     pub resumed_secs: Option<f64>,
+    /// `resume`: reconnect attempts that failed and were retried (backoff).
+    #[serde(default)]
+    pub reconnect_retries: u64,
     /// CPU time per unit of work of each server-side process: per socket
     /// connected (idle), per delivery (fanout, routed; the edges and the
     /// peer) or per event (router, nats, redis), per takeover (migration).
@@ -292,7 +299,13 @@ pub fn table(r: &ScenarioReport) -> String {
     }
     rows.push(("closed while held", r.closed_while_held.to_string()));
     if let Some(secs) = r.resumed_secs {
-        rows.push(("reconnected", format!("{} of {} in {secs:.2} s after the kill", r.reconnected, r.connected)));
+        rows.push((
+            "reconnected",
+            format!(
+                "{} of {} in {secs:.2} s after the kill ({} failed attempts retried)",
+                r.reconnected, r.connected, r.reconnect_retries
+            ),
+        ));
     }
     if let Some(p) = &r.publish {
         rows.push((
@@ -301,7 +314,10 @@ pub fn table(r: &ScenarioReport) -> String {
         ));
         rows.push((
             "delivered / expected",
-            format!("{} / {} (lost {}, duplicates {})", r.delivered, r.expected, r.lost, r.duplicates),
+            format!(
+                "{} / {} (lost {}, duplicates {}, out of order {})",
+                r.delivered, r.expected, r.lost, r.duplicates, r.reordered
+            ),
         ));
         rows.push(("deliveries/s", format!("{:.0} (drain {:.2} s)", r.deliveries_per_sec, r.drain_secs)));
         rows.push(("latency", lat(&r.latency)));

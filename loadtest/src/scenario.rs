@@ -447,6 +447,7 @@ async fn deliver(
     let after = o.pool.total();
     r.delivered = after.received - before.received;
     r.duplicates = after.duplicates - before.duplicates;
+    r.reordered = after.reordered - before.reordered;
     r.expected = expected;
     r.lost = expected.saturating_sub(r.delivered);
     r.drain_secs = drain_secs;
@@ -681,6 +682,8 @@ pub async fn resume(common: &Common, target: &Target, opts: &ResumeOptions) -> a
     };
     tokio::time::sleep(opts.kill_after).await;
     let pid = target.server_pids[0];
+    // CPU from the kill until every socket is back: the reconnect storm.
+    let sampler = CpuSampler::start(cpu_groups(target, &o.pool));
     let killed = Instant::now();
     std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
     let pb = bar(common, o.connected, "reconnecting");
@@ -695,6 +698,7 @@ pub async fn resume(common: &Common, target: &Target, opts: &ResumeOptions) -> a
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     pb.finish_and_clear();
+    let storm = sampler.stop();
     let stats = run.await?;
 
     let first = o.pool.reports().await?;
@@ -727,11 +731,15 @@ pub async fn resume(common: &Common, target: &Target, opts: &ResumeOptions) -> a
     let after = o.pool.total();
     r.delivered = after.received - before.received;
     r.duplicates = after.duplicates - before.duplicates;
+    r.reordered = after.reordered - before.reordered;
     r.expected = expected;
     r.lost = expected.saturating_sub(r.delivered);
     r.drain_secs = drain_start.elapsed().as_secs_f64();
     r.reconnected = after.reconnected;
     r.resumed_secs = resumed_secs;
+    r.reconnect_retries = after.reconnect_retries;
+    r.cpu_per_unit = crate::report::cpu_per_unit(&storm, "reconnect", after.reconnected, None);
+    r.cpu = Some(storm);
     r.closed_while_held = after.closed;
     if after.reconnect_failed > 0 {
         r.errors.push(format!("{} sockets could not reconnect", after.reconnect_failed));

@@ -86,8 +86,12 @@ pub struct Progress {
     pub warm: u64,
     /// Sockets that received at least one warm-up event.
     pub warm_sockets: u64,
-    /// Events received again or out of order (by the payload's index).
+    /// Events received again by the same socket (by stream seq, else by
+    /// the payload's index); each is dropped, as an application would.
     pub duplicates: u64,
+    /// Events received after a later one (counted in `received` too).
+    #[serde(default)]
+    pub reordered: u64,
     /// Frames that were not what the protocol promises.
     pub malformed: u64,
     /// Sockets closed by the server or the network while held.
@@ -105,6 +109,9 @@ pub struct Progress {
     pub reconnected: u64,
     #[serde(default)]
     pub reconnect_failed: u64,
+    /// Reconnect attempts that failed and were retried.
+    #[serde(default)]
+    pub reconnect_retries: u64,
 }
 
 impl Progress {
@@ -117,6 +124,7 @@ impl Progress {
         self.warm += o.warm;
         self.warm_sockets += o.warm_sockets;
         self.duplicates += o.duplicates;
+        self.reordered += o.reordered;
         self.malformed += o.malformed;
         self.closed += o.closed;
         self.server_pings += o.server_pings;
@@ -126,6 +134,7 @@ impl Progress {
         self.takeover_failed += o.takeover_failed;
         self.reconnected += o.reconnected;
         self.reconnect_failed += o.reconnect_failed;
+        self.reconnect_retries += o.reconnect_retries;
     }
 }
 

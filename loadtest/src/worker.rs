@@ -4,6 +4,7 @@
 //! spread over several workers so that no process holds more files than its
 //! limit allows, and so that the clients use more than one core.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,9 @@ use crate::wire::{Command, Event, Job, Payload, Progress, Protocol, SocketSpec, 
 
 type Ws = WebSocketStream<TcpStream>;
 
+/// Marks a dedupe key as a stream seq (an event index never has this bit).
+const SEQ_KEY: u64 = 1 << 63;
+
 /// Distinct errors kept for the report.
 const MAX_ERRORS: usize = 12;
 
@@ -49,6 +53,7 @@ struct Counters {
     warm: AtomicU64,
     warm_sockets: AtomicU64,
     duplicates: AtomicU64,
+    reordered: AtomicU64,
     malformed: AtomicU64,
     closed: AtomicU64,
     server_pings: AtomicU64,
@@ -58,6 +63,7 @@ struct Counters {
     takeover_failed: AtomicU64,
     reconnected: AtomicU64,
     reconnect_failed: AtomicU64,
+    reconnect_retries: AtomicU64,
     /// Open sockets (internal).
     live: AtomicU64,
     /// Sockets done with the current ping / takeover command (internal).
@@ -115,6 +121,7 @@ impl Shared {
             warm: get(&c.warm),
             warm_sockets: get(&c.warm_sockets),
             duplicates: get(&c.duplicates),
+            reordered: get(&c.reordered),
             malformed: get(&c.malformed),
             closed: get(&c.closed),
             server_pings: get(&c.server_pings),
@@ -124,6 +131,7 @@ impl Shared {
             takeover_failed: get(&c.takeover_failed),
             reconnected: get(&c.reconnected),
             reconnect_failed: get(&c.reconnect_failed),
+            reconnect_retries: get(&c.reconnect_retries),
         }
     }
 
@@ -156,8 +164,9 @@ impl Shared {
         inc(&self.c.attempted);
     }
 
-    /// Records one event payload received by a socket.
-    fn on_payload(&self, p: Payload, st: &mut SockState) {
+    /// Records one event payload received by a socket, with the stream
+    /// `seq` of its frame (0 when the protocol has none).
+    fn on_payload(&self, p: Payload, seq: u64, st: &mut SockState) {
         let now = unix_now_nanos();
         if p.w {
             inc(&self.c.warm);
@@ -167,11 +176,19 @@ impl Shared {
             }
             return;
         }
-        if st.last_i.is_some_and(|last| p.i <= last) {
+        // A duplicate is the same event delivered to this socket twice (by
+        // its stream seq when the frame carries one, else by its index); an
+        // event older than one already received is out of order, not a
+        // duplicate, and is counted as received.
+        let key = if seq > 0 { seq | SEQ_KEY } else { p.i };
+        if !st.seen.insert(key) {
             inc(&self.c.duplicates);
             return;
         }
-        st.last_i = Some(p.i);
+        if st.last_key.is_some_and(|last| key < last) {
+            inc(&self.c.reordered);
+        }
+        st.last_key = st.last_key.max(Some(key));
         inc(&self.c.received);
         let ns = (now - p.ts).max(1) as u64;
         lock(&self.latency).saturating_record(ns);
@@ -199,7 +216,10 @@ impl Shared {
 /// Per-socket receive state.
 #[derive(Default)]
 struct SockState {
-    last_i: Option<u64>,
+    /// Every measured event received (dedupe keys, see [`Shared::on_payload`]).
+    seen: HashSet<u64>,
+    /// The highest dedupe key received.
+    last_key: Option<u64>,
     warm_seen: bool,
     /// Highest stream seq received, and the `stream_seq` of the last `ready`.
     last_seq: u64,
@@ -377,7 +397,7 @@ async fn reconnect(sh: &Shared, spec: &SocketSpec, ip: Option<Ipv4Addr>, st: &mu
                     match serde_json::from_str::<EventFrame>(&t) {
                         Ok(f) => {
                             st.last_seq = st.last_seq.max(f.seq);
-                            sh.on_payload(f.payload, st);
+                            sh.on_payload(f.payload, f.seq, st);
                         }
                         Err(_) => {
                             sh.error(format!("unexpected frame: {}", t.chars().take(120).collect::<String>()));
@@ -390,7 +410,15 @@ async fn reconnect(sh: &Shared, spec: &SocketSpec, ip: Option<Ipv4Addr>, st: &mu
                 return Some(ws);
             }
             Ok(Err(e)) if attempt == 59 => sh.error(format!("reconnect: {e}")),
-            _ => {}
+            Ok(Err(e)) => {
+                // The reason of the first refusals, for the report.
+                sh.error(format!("reconnect attempt: {e}"));
+                inc(&sh.c.reconnect_retries);
+            }
+            Err(_) => {
+                sh.error("reconnect attempt timed out");
+                inc(&sh.c.reconnect_retries);
+            }
         }
         let cap = 100u64.saturating_mul(1 << attempt.min(5)).min(2000);
         tokio::time::sleep(Duration::from_millis(rand_below(cap))).await;
@@ -505,7 +533,7 @@ async fn daisi_hold(
                     Some(Ok(Message::Text(t))) => match serde_json::from_str::<EventFrame>(t.as_str()) {
                         Ok(f) => {
                             st.last_seq = st.last_seq.max(f.seq);
-                            sh.on_payload(f.payload, &mut st);
+                            sh.on_payload(f.payload, f.seq, &mut st);
                         }
                         Err(_) => {
                             sh.error(format!("unexpected frame: {}", t.as_str().chars().take(120).collect::<String>()));
@@ -771,7 +799,7 @@ async fn nats_hold(sh: &Shared, mut ws: Ws, mut buf: Vec<u8>, mut phase: watch::
                 let (mut pings, mut pongs) = (0u32, 0u32);
                 let parsed = parse_ops(&mut buf, |op| match op {
                     Op::Msg(p) => match serde_json::from_slice::<Payload>(p) {
-                        Ok(p) => sh.on_payload(p, &mut st),
+                        Ok(p) => sh.on_payload(p, 0, &mut st),
                         Err(_) => inc(&sh.c.malformed),
                     },
                     Op::Ping => pings += 1,
@@ -857,7 +885,7 @@ mod tests {
     }
 
     #[test]
-    fn duplicates_and_warmups_are_counted_apart() {
+    fn duplicates_reorders_and_warmups_are_counted_apart() {
         let job = Job {
             worker: 0,
             protocol: Protocol::Daisi,
@@ -871,14 +899,38 @@ mod tests {
         let sh = Shared::new(job);
         let mut st = SockState::default();
         let ts = unix_now_nanos();
-        sh.on_payload(Payload { ts, i: 0, w: true }, &mut st);
-        sh.on_payload(Payload { ts, i: 1, w: true }, &mut st);
+        sh.on_payload(Payload { ts, i: 0, w: true }, 0, &mut st);
+        sh.on_payload(Payload { ts, i: 1, w: true }, 0, &mut st);
+        // Event 1 arrives after 2: out of order, not a duplicate; 2 twice is one.
         for i in [0, 2, 2, 1, 3] {
-            sh.on_payload(Payload { ts, i, w: false }, &mut st);
+            sh.on_payload(Payload { ts, i, w: false }, 0, &mut st);
         }
         let p = sh.snapshot();
-        assert_eq!((p.warm, p.warm_sockets, p.received, p.duplicates), (2, 1, 3, 2));
+        assert_eq!((p.warm, p.warm_sockets, p.received, p.duplicates, p.reordered), (2, 1, 4, 1, 1));
         let per_event = lock(&sh.per_event_max_us).clone();
-        assert_eq!(per_event.iter().filter(|&&v| v > 0).count(), 3);
+        assert_eq!(per_event.iter().filter(|&&v| v > 0).count(), 4);
+    }
+
+    #[test]
+    fn a_stream_seq_identifies_the_event_when_the_frame_has_one() {
+        let job = Job {
+            worker: 0,
+            protocol: Protocol::Daisi,
+            sockets: vec![],
+            source_ips: vec![],
+            connect_concurrency: 1,
+            connect_timeout_ms: 1,
+            track_events: 0,
+            offer_deflate: false,
+        };
+        let sh = Shared::new(job);
+        let mut st = SockState::default();
+        let ts = unix_now_nanos();
+        // Seq 11 before 10 (two routers), then 10 again (a resume replay).
+        for (i, seq) in [(7, 11), (6, 10), (6, 10), (8, 12)] {
+            sh.on_payload(Payload { ts, i, w: false }, seq, &mut st);
+        }
+        let p = sh.snapshot();
+        assert_eq!((p.received, p.duplicates, p.reordered), (3, 1, 1));
     }
 }
