@@ -278,6 +278,27 @@ impl Presence {
                 Some(_) => {}
             }
             if tokio::time::Instant::now() >= deadline {
+                // Out of time. An owner on a dead edge is taken over even now:
+                // under a reconnect storm the checks may not have come round
+                // in time, and a conflict (4402) would tell the client that
+                // another tab holds its session, so it would stop for good.
+                if !self.is_this_run(&current) && self.owner_is_gone(&mut conn, &current).await? {
+                    let taken: i64 = self
+                        .scripts
+                        .takeover_lock
+                        .key(key)
+                        .arg(&current)
+                        .arg(&me)
+                        .arg(ttl_ms)
+                        .invoke_async(&mut conn)
+                        .await?;
+                    if taken == 1 {
+                        tracing::info!(session_key = %key, "took over the session of a dead edge");
+                        counter!("dws_session_takeovers_total", "from" => "dead_owner").increment(1);
+                        first_owner = None;
+                        break;
+                    }
+                }
                 return Err(AcquireError::Conflict);
             }
             if !self.is_this_run(&current) {
@@ -960,6 +981,47 @@ mod tests {
         })
         .await;
         assert!(member(&redis, &key, &pod).await, "add_route returned Ok without the route in Redis");
+        shutdown.cancel();
+    }
+
+    /// A lock whose owner's edge is gone is taken over even when the
+    /// takeover wait is already over (a reconnect storm delays every check):
+    /// never a 4402 for a session no live socket holds.
+    #[tokio::test]
+    async fn a_dead_edges_lock_is_taken_over_past_the_takeover_wait() {
+        let redis = RedisServer::start();
+        let mut cfg = test_config_for("nats://127.0.0.1:1".into(), redis.address());
+        cfg.app.session_takeover_wait_ms = 0;
+        let pod = cfg.server.pod_id.clone();
+        let conn = daisi_common::deps::redis_manager(daisi_common::deps::redis_client(&cfg.redis).unwrap()).unwrap();
+        let policy = crate::hub::QueuePolicy {
+            capacity: 16,
+            drop_policy: cfg.app.websocket_backpressure_drop_policy,
+            block_timeout: Duration::from_millis(100),
+            compress_from: None,
+        };
+        let (_tx, config) = watch::channel(Arc::new(cfg));
+        let shutdown = CancellationToken::new();
+        let presence = Presence::new(pod, "127.0.0.1:1".into(), conn, config, shutdown.clone());
+        let key = format!("session:{}", unique("dead"));
+        // Held by a socket of an edge that is registered nowhere: gone.
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg("ghost-edge|b00t-1")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+
+        let hub = crate::hub::Hub::new(Arc::new(crate::metrics::EdgeMetrics::new()));
+        let socket = hub.new_socket(policy);
+        let owner = presence.acquire(&key, &socket, Arc::new(AtomicU64::new(0))).await;
+        let owner = owner.expect("the dead edge's session was refused as held by another socket");
+        let now: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut raw).await.unwrap();
+        assert_eq!(now.as_deref(), Some(owner.as_str()));
         shutdown.cancel();
     }
 }
