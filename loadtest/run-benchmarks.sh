@@ -40,4 +40,6 @@ run routed-30000      routed --users 10000 --rate 30000 --duration 10
 run routed-10000      routed --users 10000 --rate 10000 --duration 10
 run routed-5000       routed --users 10000 --rate 5000 --duration 10
 run migration-2000    migration --users 2000 --rounds 3 --concurrency 32
+run resume-9500       resume --sockets 9500 --stack-edges 2
+run resume-plain-9500 resume --plain --sockets 9500 --stack-edges 2
 echo "results in $OUT"

@@ -282,22 +282,12 @@ impl Presence {
                 // under a reconnect storm the checks may not have come round
                 // in time, and a conflict (4402) would tell the client that
                 // another tab holds its session, so it would stop for good.
-                if !self.is_this_run(&current) && self.owner_is_gone(&mut conn, &current).await? {
-                    let taken: i64 = self
-                        .scripts
-                        .takeover_lock
-                        .key(key)
-                        .arg(&current)
-                        .arg(&me)
-                        .arg(ttl_ms)
-                        .invoke_async(&mut conn)
-                        .await?;
-                    if taken == 1 {
-                        tracing::info!(session_key = %key, "took over the session of a dead edge");
-                        counter!("dws_session_takeovers_total", "from" => "dead_owner").increment(1);
-                        first_owner = None;
-                        break;
-                    }
+                if !self.is_this_run(&current)
+                    && self.owner_is_gone(&mut conn, &current).await?
+                    && self.take_from_dead(&mut conn, key, &current, &me, ttl_ms).await?
+                {
+                    first_owner = None;
+                    break;
                 }
                 return Err(AcquireError::Conflict);
             }
@@ -315,18 +305,7 @@ impl Presence {
                 if unanswered && check_due {
                     checked = Some((current.clone(), Instant::now()));
                     if self.owner_is_gone(&mut conn, &current).await? {
-                        let taken: i64 = self
-                            .scripts
-                            .takeover_lock
-                            .key(key)
-                            .arg(&current)
-                            .arg(&me)
-                            .arg(ttl_ms)
-                            .invoke_async(&mut conn)
-                            .await?;
-                        if taken == 1 {
-                            tracing::info!(session_key = %key, "took over the session of a dead edge");
-                            counter!("dws_session_takeovers_total", "from" => "dead_owner").increment(1);
+                        if self.take_from_dead(&mut conn, key, &current, &me, ttl_ms).await? {
                             first_owner = None;
                             break;
                         }
@@ -357,6 +336,24 @@ impl Presence {
             previous.socket.request_close(CloseRequest::SessionTaken);
         }
         Ok(me)
+    }
+
+    /// Moves the lock `key` from `dead` (an owner confirmed gone) to `me`,
+    /// if `dead` still holds it.
+    async fn take_from_dead(
+        &self,
+        conn: &mut RedisConn,
+        key: &str,
+        dead: &str,
+        me: &str,
+        ttl_ms: u64,
+    ) -> Result<bool, redis::RedisError> {
+        let taken: i64 = self.scripts.takeover_lock.key(key).arg(dead).arg(me).arg(ttl_ms).invoke_async(conn).await?;
+        if taken == 1 {
+            tracing::info!(session_key = %key, "took over the session of a dead edge");
+            counter!("dws_session_takeovers_total", "from" => "dead_owner").increment(1);
+        }
+        Ok(taken == 1)
     }
 
     /// Every socket holding a session here (every socket past its lock).
@@ -955,10 +952,10 @@ mod tests {
         let redis = RedisServer::start();
         let cfg = test_config_for("nats://127.0.0.1:1".into(), redis.address());
         let pod = cfg.server.pod_id.clone();
-        let conn = daisi_common::deps::redis_manager(daisi_common::deps::redis_client(&cfg.redis).unwrap()).unwrap();
+        let redis_deps = daisi_common::deps::redis(&cfg.redis).unwrap();
         let (_tx, config) = watch::channel(Arc::new(cfg));
         let shutdown = CancellationToken::new();
-        let presence = Presence::new(pod.clone(), "127.0.0.1:1".into(), conn, config, shutdown.clone());
+        let presence = Presence::new(pod.clone(), "127.0.0.1:1".into(), &redis_deps, config, shutdown.clone());
         let key = names::chats_route_key(&unique("co"), "agent");
 
         redis.freeze();
@@ -993,7 +990,7 @@ mod tests {
         let mut cfg = test_config_for("nats://127.0.0.1:1".into(), redis.address());
         cfg.app.session_takeover_wait_ms = 0;
         let pod = cfg.server.pod_id.clone();
-        let conn = daisi_common::deps::redis_manager(daisi_common::deps::redis_client(&cfg.redis).unwrap()).unwrap();
+        let redis_deps = daisi_common::deps::redis(&cfg.redis).unwrap();
         let policy = crate::hub::QueuePolicy {
             capacity: 16,
             drop_policy: cfg.app.websocket_backpressure_drop_policy,
@@ -1002,7 +999,7 @@ mod tests {
         };
         let (_tx, config) = watch::channel(Arc::new(cfg));
         let shutdown = CancellationToken::new();
-        let presence = Presence::new(pod, "127.0.0.1:1".into(), conn, config, shutdown.clone());
+        let presence = Presence::new(pod, "127.0.0.1:1".into(), &redis_deps, config, shutdown.clone());
         let key = format!("session:{}", unique("dead"));
         // Held by a socket of an edge that is registered nowhere: gone.
         let client = redis::Client::open(redis.url()).unwrap();
