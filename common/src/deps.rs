@@ -335,6 +335,12 @@ pub fn nats_connected(client: &async_nats::Client) -> Result<(), String> {
     }
 }
 
+/// How often a subscription pings its node. Three unanswered pings (about
+/// 6 s) end it and the next node of the list is tried: a frozen node (no
+/// RST, no FIN) would otherwise keep a subscriber that hears nothing, while
+/// the cluster failed the node over and every `PUBLISH` goes elsewhere.
+pub const PUBSUB_PING_INTERVAL: Duration = Duration::from_secs(2);
+
 /// Keeps a Redis pub/sub subscription to `channel` alive until `shutdown`,
 /// reconnecting with jittered backoff, and calls `on_message` with each
 /// payload. `on_reconnect` runs after every (re)subscription, so callers can
@@ -365,11 +371,14 @@ pub async fn subscribe_forever(
             r = session => r,
         };
         match res {
-            Ok(mut pubsub) => {
+            Ok(pubsub) => {
                 attempt = 0;
                 tracing::debug!(channel, "subscribed");
                 on_reconnect();
-                let mut stream = pubsub.on_message();
+                let (mut sink, mut stream) = pubsub.split();
+                let mut tick = tokio::time::interval(PUBSUB_PING_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut unanswered = 0u32;
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -381,6 +390,18 @@ pub async fn subscribe_forever(
                             }
                             None => break,
                         },
+                        _ = tick.tick() => {
+                            let pong = tokio::time::timeout(PUBSUB_PING_INTERVAL, sink.ping::<redis::Value>()).await;
+                            if matches!(pong, Ok(Ok(_))) {
+                                unanswered = 0;
+                            } else {
+                                unanswered += 1;
+                                if unanswered >= 3 {
+                                    tracing::warn!(channel, "redis subscription stopped answering pings");
+                                    break;
+                                }
+                            }
+                        }
                     }
                 }
                 tracing::warn!(channel, "redis subscription lost; reconnecting");

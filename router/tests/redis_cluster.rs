@@ -198,3 +198,59 @@ async fn losing_a_redis_master_while_events_flow_and_users_take_over_loses_nothi
     }
     assert_no_cross_slot(&redis);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_leave_a_frozen_redis_replica_and_takeovers_still_cross_edges() {
+    let nats = NatsServer::start();
+    let mut redis = RedisCluster::start();
+    // A replica first in the list: every subscription starts on it.
+    let first = redis.replica_ports()[0];
+    let mut config = cluster_config(&nats, &redis);
+    config.redis.address = std::iter::once(first)
+        .chain(redis.ports().into_iter().filter(|p| *p != first))
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let _router = router_with(config.clone()).await;
+    let e1 = edge_with(&config).await;
+    let e2 = edge_with(&config).await;
+    let js = daisi_common::deps::nats_client(&config.nats, "test publisher").await.expect("publisher");
+    let js = async_nats::jetstream::new(js);
+    let mut watcher = user(e2.edge(), "c1", "a1", "w").await;
+    let mut old = user(e1.edge(), "c1", "a2", "u1").await;
+    wait_registry_complete(&config).await;
+
+    // Freeze it (no RST, no FIN): subscribers must notice by themselves.
+    redis.freeze(first);
+    let subject = names::chats_subject("c1", "a1");
+    let mut published = BTreeSet::new();
+    for i in 0..5 {
+        published.insert(publish_json(&js, &subject, &json!({"i": i})).await);
+    }
+    // A user moves to edge 2: only the kill switch, heard on edge 1, closes
+    // the old socket (its edge is alive). Like a browser, the new socket
+    // tries again when the old one has not let go in time.
+    let token = user_token("c1", "a2", "u1", 3600);
+    let url = format!("ws://{}/ws/c1/a2?token={token}&x-api-key={API_KEY}", e2.edge().http_addr);
+    let takeover = async {
+        for _ in 0..60 {
+            let mut c = WsClient::connect(&url).await;
+            match c.next(Duration::from_secs(10)).await {
+                Seen::Json(v) if v["type"] == "ready" => return c,
+                Seen::Json(v) if v["type"] == "error" => {}
+                other => panic!("expected ready or a refusal, got {other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        panic!("the takeover never succeeded");
+    };
+    let (mut new, ()) = tokio::join!(takeover, old.expect_error_then_close("SessionConflict", 4402));
+    let got = distinct_seqs(&mut watcher, published.len(), "watcher").await;
+    assert_eq!(got, published, "every event once while a node is frozen");
+    let seq = publish_json(&js, &subject, &json!({"after": true})).await;
+    assert_eq!(watcher.event(WAIT).await["seq"], seq);
+    let seq = publish_json(&js, &names::chats_subject("c1", "a2"), &json!({"moved": true})).await;
+    assert_eq!(new.event(WAIT).await["seq"], seq);
+    redis.thaw(first);
+    assert_no_cross_slot(&redis);
+}
