@@ -34,6 +34,7 @@ use daisi_common::names;
 use daisi_common::token::{AdminClaims, TokenError, UserClaims};
 use futures_util::future::poll_fn;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
 use tracing::Instrument;
 
 use crate::EdgeState;
@@ -270,7 +271,8 @@ async fn close_socket(
     }
     tx.push_close(close_frame);
     let mut sent = false;
-    while !(sent && client_closed) {
+    let mut unparsable = rx.unparsable();
+    while !(sent && client_closed) && !unparsable {
         tokio::select! {
             r = poll_fn(|cx| tx.poll_flush_io(cx)), if !sent => {
                 if r.is_err() {
@@ -280,13 +282,42 @@ async fn close_socket(
                 deadline = deadline.min(tokio::time::Instant::now() + CLOSE_GRACE);
             }
             // Read (and drop) what the client still sends, up to its close.
-            msg = rx.next(), if !client_closed => {
-                if matches!(msg, None | Some(Err(_)) | Some(Ok(Incoming::Close(_)))) {
-                    client_closed = true;
-                }
-            }
+            msg = rx.next(), if !client_closed => match msg {
+                // After a protocol error what follows cannot be read as frames.
+                None | Some(Err(_)) if rx.unparsable() => unparsable = true,
+                None | Some(Err(_)) | Some(Ok(Incoming::Close(_))) => client_closed = true,
+                Some(Ok(_)) => {}
+            },
             _ = tokio::time::sleep_until(deadline) => return,
         }
+    }
+    if unparsable {
+        // Closing a socket with unread input makes the kernel send a reset,
+        // and a reset can make the client's TCP stack discard what it
+        // received but has not read yet: the error message and the close
+        // frame. So the close goes out, then our FIN, and the client's
+        // bytes are read and dropped until it closes too (or the deadline).
+        let mut raw = rx.into_inner();
+        let mut scratch = [0u8; 512];
+        while !sent {
+            tokio::select! {
+                r = poll_fn(|cx| tx.poll_flush_io(cx)) => {
+                    if r.is_err() {
+                        return;
+                    }
+                    sent = true;
+                    deadline = deadline.min(tokio::time::Instant::now() + CLOSE_GRACE);
+                }
+                n = raw.read(&mut scratch) => if matches!(n, Ok(0) | Err(_)) { return },
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+        let _ = tokio::time::timeout_at(deadline, poll_fn(|cx| tx.poll_shutdown(cx))).await;
+        let _ = tokio::time::timeout_at(deadline, async {
+            while matches!(raw.read(&mut scratch).await, Ok(n) if n > 0) {}
+        })
+        .await;
+        return;
     }
     let _ = tokio::time::timeout_at(deadline, poll_fn(|cx| tx.poll_shutdown(cx))).await;
 }

@@ -427,3 +427,28 @@ async fn a_full_edge_still_authenticates_first() {
     let mut second = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u2", 60))).await;
     assert_eq!(second.next(T).await, Seen::Closed(Some(1013)));
 }
+
+#[tokio::test]
+async fn a_protocol_error_with_input_still_arriving_ends_with_the_close_frame_and_no_reset() {
+    let s = Servers::start();
+    let edge = RunningEdge::start(s.config()).await;
+    let mut raw = Raw::connect(edge.addr(), &user_path("c1", "a1", "u1"), None).await;
+    assert_eq!(raw.json().await["type"], "ready");
+    // A frame with a reserved bit set (no extension was negotiated), then
+    // more bytes than the edge reads at once, as a client still sending would.
+    let mut wire = vec![0xc1, 0x80, 1, 2, 3, 4];
+    wire.extend(std::iter::repeat_n(0x42, 256 * 1024));
+    raw.send(&wire).await;
+    // Let the edge act (close, and in the past reset) before reading anything.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(raw.close_code().await, Some(1002), "the close frame arrives");
+    // The client answers the close, as browsers do: a socket the edge had
+    // already reset refuses the write (and a browser reports an unclean close).
+    let answer = raw.stream.write_all(&Raw::frame(0x88, &1002u16.to_be_bytes())).await;
+    assert!(answer.is_ok(), "the edge reset the connection before the client could answer its close: {answer:?}");
+    // Then the connection ends with the edge's FIN once we close ours, not a reset.
+    raw.stream.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(T, raw.stream.read_to_end(&mut rest)).await.expect("the edge closes");
+    assert!(end.is_ok(), "the connection ended with a reset: {end:?}");
+}

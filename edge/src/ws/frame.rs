@@ -334,6 +334,8 @@ pub struct Reader<R> {
     deflate: bool,
     max_message: usize,
     done: bool,
+    /// Set with `done` when the input could not be parsed (not at its end).
+    unparsable: bool,
 }
 
 impl<R: AsyncRead + Unpin> Reader<R> {
@@ -350,6 +352,7 @@ impl<R: AsyncRead + Unpin> Reader<R> {
             deflate,
             max_message,
             done: false,
+            unparsable: false,
         }
     }
 
@@ -366,6 +369,12 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// (the last replies and the close frame).
     pub fn into_inner(self) -> R {
         self.io
+    }
+
+    /// Whether reading stopped at input that is not valid WebSocket framing
+    /// (the client may still be sending; its bytes can only be dropped raw).
+    pub fn unparsable(&self) -> bool {
+        self.unparsable
     }
 
     /// Bytes this reader holds for an incomplete message (for tests and
@@ -503,6 +512,7 @@ impl<R: AsyncRead + Unpin> Stream for Reader<R> {
                 Ok(None) => this.track_incomplete(false),
                 Err(e) => {
                     this.done = true;
+                    this.unparsable = true;
                     this.buf = BytesMut::new();
                     this.partial = None;
                     return Poll::Ready(Some(Err(e)));
