@@ -272,7 +272,7 @@ async fn close_socket(
     tx.push_close(close_frame);
     let mut sent = false;
     let mut unparsable = rx.unparsable();
-    while !(sent && client_closed) && !unparsable {
+    while !(unparsable || sent && client_closed) {
         tokio::select! {
             r = poll_fn(|cx| tx.poll_flush_io(cx)), if !sent => {
                 if r.is_err() {
