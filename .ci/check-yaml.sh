@@ -3,6 +3,7 @@
 # and .git/; multi-document files too) with PyYAML, then checks:
 #   - docker-compose.yml: services are exactly nats, redis, router, edge-1,
 #     edge-2; every depends_on names a service; each service has image or build;
+#   - other docker-compose*.yml files (cluster mode): the same, with their own services;
 #   - every DAISI_WS_* variable named in docker-compose.yml, .env.example or a
 #     Kubernetes manifest is a real config key (the binaries reject unknown ones);
 #   - config files embedded in ConfigMaps only use keys of config/config.yaml.
@@ -81,6 +82,26 @@ def check_compose(doc, known):
     return errors
 
 
+def check_other_compose(doc, known):
+    """Another compose file (cluster mode): the same checks but its own services."""
+    errors = []
+    services = (doc or {}).get("services") or {}
+    if not services:
+        errors.append("no services")
+    env_names = set()
+    for name, svc in services.items():
+        svc = svc or {}
+        if "image" not in svc and "build" not in svc:
+            errors.append(f"service {name} has neither image nor build")
+        for dep in svc.get("depends_on") or []:
+            if dep not in services:
+                errors.append(f"service {name} depends_on unknown service {dep}")
+        env = svc.get("environment") or {}
+        env_names |= set(env) if isinstance(env, dict) else {str(e).split("=", 1)[0] for e in env}
+    errors += [f"unknown config env var {n}" for n in bad_env(env_names, known)]
+    return errors
+
+
 def check_k8s(doc, config_keys, known):
     errors = []
     if not isinstance(doc, dict) or "kind" not in doc:
@@ -135,6 +156,8 @@ def main():
         errors = []
         if path == COMPOSE:
             errors += check_compose(docs[0] if docs else None, known)
+        elif os.path.basename(path).startswith("docker-compose"):
+            errors += check_other_compose(docs[0] if docs else None, known)
         for doc in docs:
             errors += check_k8s(doc, config_keys, known)
         report(path, errors)
