@@ -238,8 +238,10 @@ impl Presence {
         let me = self.owner_value(socket.id);
         let ttl_ms = self.session_ttl_ms(&cfg, 0);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(cfg.app.session_takeover_wait_ms);
+        // The guard holds this waiter's only reference besides the map's, so
+        // the last waiter to leave removes the entry.
         let notify = self.waiters.entry(key.to_string()).or_insert_with(|| Arc::new(Notify::new())).clone();
-        let _guard = WaiterGuard { map: &self.waiters, key, notify: notify.clone() };
+        let waiter = WaiterGuard { map: &self.waiters, key, notify };
         let mut conn = self.redis.clone();
         // The owner this socket set out to replace: a local socket first.
         let mut first_owner: Option<String> = None;
@@ -251,7 +253,7 @@ impl Presence {
         let mut last_kill: Option<(String, Instant)> = None;
         let mut checked: Option<(String, Instant)> = None;
         loop {
-            let released = notify.notified();
+            let released = waiter.notify.notified();
             tokio::pin!(released);
             released.as_mut().enable();
             let set: Option<String> =
@@ -362,6 +364,13 @@ impl Presence {
     }
 
     /// Whether a lock value belongs to a socket of this very process.
+    /// Session keys with a takeover waiting on their release (for tests: a
+    /// finished acquire must leave none, or every key ever used stays here).
+    #[cfg(test)]
+    pub(crate) fn takeover_waiters(&self) -> usize {
+        self.waiters.len()
+    }
+
     fn is_this_run(&self, value: &str) -> bool {
         value.split_once('|').is_some_and(|(pod, rest)| {
             pod == self.pod_id && rest.split_once('-').is_some_and(|(b, _)| b == self.boot_id)

@@ -18,8 +18,10 @@ pub mod frame;
 pub mod upgrade;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
@@ -139,18 +141,58 @@ fn handshake(state: Arc<EdgeState>, target: Target, query: Query_, headers: Head
         bad_query,
     };
     let tracker = state.tracker.clone();
+    // The request waits for the upgrade in one box, not in the socket's task.
+    let start = Box::new((state, req));
     upgrade.on_upgrade(cfg.app.compression.enabled, protocol::MAX_CLIENT_FRAME, move |socket| {
-        tracker.track_future(guarded(socket, state, req))
+        let (state, req) = *start;
+        let metrics = state.metrics.clone();
+        tracker.track_future(guarded(metrics, Box::pin(connect(socket, state, req))))
     })
 }
 
-/// Runs a socket's task, counting a panic (its guard has released what the
-/// socket held by the time the panic arrives here).
-async fn guarded(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
-    let metrics = state.metrics.clone();
-    if AssertUnwindSafe(serve(socket, state, req)).catch_unwind().await.is_err() {
+/// A socket's task: the connect sequence (boxed, freed once it is done),
+/// then the idle loop, whose state is all the task keeps for the socket's
+/// life (see decision 0030 and `tests::resident_socket_task_stays_small`).
+/// A panic is counted (the guard has released what the socket held by the
+/// time it arrives here).
+async fn guarded<C: Future<Output = Connected>>(metrics: Arc<crate::metrics::EdgeMetrics>, connect: Pin<Box<C>>) {
+    let task = async move {
+        let Some((span, mut live)) = connect.await else { return };
+        // The idle loop borrows the socket's state from here, so it is kept once.
+        let end = live.conn.run(&mut live.tx, &mut live.rx, &live.cfg).instrument(span.clone()).await;
+        Box::pin(live.finish(end)).instrument(span).await
+    };
+    if AssertUnwindSafe(task).catch_unwind().await.is_err() {
         metrics.socket_task_panics.increment(1);
         tracing::error!("a socket's task panicked; its session, routes and subscriptions were released");
+    }
+}
+
+/// What the connect sequence hands to the idle loop: the socket's span and
+/// state, or `None` when it already closed the socket.
+type Connected = Option<(tracing::Span, Live)>;
+
+/// A ready socket: all its task holds while it is open.
+struct Live {
+    conn: Conn,
+    tx: Tx,
+    rx: Rx,
+    cfg: Arc<daisi_common::Config>,
+    /// One of `server.max_connections`, held while the socket is open.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Live {
+    /// Releases what the socket holds (first, so a takeover's new socket can
+    /// acquire), then closes it.
+    async fn finish(self, end: End) {
+        let Live { conn, tx, rx, cfg, _permit } = self;
+        let Conn { held, .. } = conn;
+        let (state, shared) = (held.state.clone(), held.shared.clone());
+        held.release().await;
+        tracing::debug!(?end, "socket closed");
+        let pong_wait = Duration::from_secs(cfg.app.pong_wait_seconds);
+        end.close(&state, &shared, tx, rx, pong_wait).await;
     }
 }
 
@@ -322,28 +364,41 @@ async fn close_socket(
     let _ = tokio::time::timeout_at(deadline, poll_fn(|cx| tx.poll_shutdown(cx))).await;
 }
 
-async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
+/// The connect sequence, up to `ready` written: `None` when it closed the
+/// socket instead. Runs boxed: none of its state stays for the socket's life.
+async fn connect(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) -> Connected {
     let identity = match authenticate(&state, &req) {
         Ok(i) => i,
-        Err((code, message)) => return Box::pin(reject(socket, code, message)).await,
+        Err((code, message)) => {
+            reject(socket, code, message).await;
+            return None;
+        }
     };
     // A resume naming a subject this socket may not read: 4400 and nothing else.
     let resume = match req.resume.as_deref().map(protocol::Positions::parse) {
         None => None,
-        Some(Err(protocol::BadRequest(m))) => return Box::pin(reject(socket, ErrorCode::BadRequest, &m)).await,
+        Some(Err(protocol::BadRequest(m))) => {
+            reject(socket, ErrorCode::BadRequest, &m).await;
+            return None;
+        }
         Some(Ok(p)) => match crate::resume::check_scope(&p, &identity.base_filter()) {
             Ok(()) => Some(p),
-            Err(m) => return Box::pin(reject(socket, ErrorCode::BadRequest, &m)).await,
+            Err(m) => {
+                reject(socket, ErrorCode::BadRequest, &m).await;
+                return None;
+            }
         },
     };
+    drop(req);
     // Capacity is taken once the client proved who it is: unauthenticated
     // sockets never use up the edge's permits.
     let permit = if state.shutdown.is_cancelled() { None } else { state.connections.clone().try_acquire_owned().ok() };
-    let Some(_permit) = permit else {
+    let Some(permit) = permit else {
         state.metrics.refused_full.increment(1);
         let Socket { reader, writer, .. } = socket;
         let frame = frame::close(close::TRY_AGAIN_LATER, "edge is full or draining");
-        return Box::pin(close_socket(writer, reader, None, frame, false, CLOSE_GRACE)).await;
+        close_socket(writer, reader, None, frame, false, CLOSE_GRACE).await;
+        return None;
     };
     let session_key = identity.session_key();
     let span = match &identity {
@@ -364,7 +419,7 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
             request_id = tracing::field::Empty,
         ),
     };
-    async move {
+    let live = async move {
         let cfg = state.cfg();
         let policy = QueuePolicy {
             capacity: cfg.app.websocket_message_buffer_size,
@@ -378,20 +433,19 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
         let shared = state.hub.new_socket(policy);
         tracing::Span::current().record("request_id", format!("{}-{}", state.presence.pod_id(), shared.id));
         let last_activity = Arc::new(AtomicU64::new(state.presence.now_secs()));
-        // One-off steps are boxed so the future that stays resident for the
-        // socket's life holds only the idle loop's state (see 0006).
-        let owner = match Box::pin(state.presence.acquire(&session_key, &shared, last_activity.clone())).await {
+        let owner = match state.presence.acquire(&session_key, &shared, last_activity.clone()).await {
             Ok(owner) => owner,
             Err(AcquireError::Conflict) => {
                 tracing::info!("session held by another live socket");
                 state.hub.forget(&shared);
-                return Box::pin(reject(socket, ErrorCode::SessionConflict, "session is active on another connection"))
-                    .await;
+                reject(socket, ErrorCode::SessionConflict, "session is active on another connection").await;
+                return None;
             }
             Err(AcquireError::Redis(e)) => {
                 tracing::warn!(error = %e, "session lock failed");
                 state.hub.forget(&shared);
-                return Box::pin(reject(socket, ErrorCode::InternalServerError, "session store unavailable")).await;
+                reject(socket, ErrorCode::InternalServerError, "session store unavailable").await;
+                return None;
             }
         };
         // From here on the guard releases everything, whatever ends the task.
@@ -409,10 +463,11 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
             gauge: None,
             started: Instant::now(),
         };
-        if let Err(e) = Box::pin(state.presence.add_route(&route_key, RouteClass::Plain)).await {
+        if let Err(e) = state.presence.add_route(&route_key, RouteClass::Plain).await {
             tracing::warn!(error = %e, "route registration failed");
-            Box::pin(held.release()).await;
-            return Box::pin(reject(socket, ErrorCode::SubscriptionFailure, "could not register routes")).await;
+            held.release().await;
+            reject(socket, ErrorCode::SubscriptionFailure, "could not register routes").await;
+            return None;
         }
         held.gauge = Some(matches!(identity, Identity::Admin(_)));
         let gauge = if matches!(identity, Identity::Admin(_)) {
@@ -423,7 +478,7 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
         gauge.increment(1.0);
         tracing::debug!("socket ready");
 
-        let mut conn = Conn {
+        let conn = Conn {
             held,
             identity,
             bucket: Bucket::new(cfg.app.client_max_messages_per_second, cfg.app.client_burst),
@@ -431,23 +486,23 @@ async fn serve(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) {
         };
         let subscribed = Instant::now();
         let filter = conn.identity.base_filter();
-        let Socket { reader: mut rx, writer: mut tx, .. } = socket;
-        let end = match Box::pin(conn.hello(&filter, resume.as_ref(), subscribed)).await {
-            Ok(frames) => match send_all(&mut tx, frames, &cfg).await {
-                Ok(()) => conn.run(&mut tx, &mut rx, &cfg).await,
-                Err(end) => end,
-            },
-            Err(end) => end,
+        let Socket { reader: rx, writer: tx, .. } = socket;
+        let mut live = Live { conn, tx, rx, cfg, _permit: permit };
+        let sent = match live.conn.hello(&filter, resume.as_ref(), subscribed).await {
+            Ok(frames) => send_all(&mut live.tx, frames, &live.cfg).await,
+            Err(end) => Err(end),
         };
-        // Release first (so a takeover's new socket can acquire), then close.
-        let Conn { held, .. } = conn;
-        Box::pin(held.release()).await;
-        tracing::debug!(?end, "socket closed");
-        let pong_wait = Duration::from_secs(cfg.app.pong_wait_seconds);
-        Box::pin(end.close(&state, &shared, tx, rx, pong_wait)).await;
+        match sent {
+            Ok(()) => Some(live),
+            Err(end) => {
+                live.finish(end).await;
+                None
+            }
+        }
     }
-    .instrument(span)
-    .await
+    .instrument(span.clone())
+    .await;
+    live.map(|live| (span, live))
 }
 
 /// What a ready socket holds outside its task: the session lock, its
@@ -739,7 +794,13 @@ impl Conn {
                         Some(Err(e)) => return End::from_frame_error(e),
                         Some(Ok(msg)) => msg,
                     };
-                    if let Some(end) = self.on_frame(tx, msg).await {
+                    let end = if matches!(msg, Incoming::Text(_) | Incoming::Binary(_)) {
+                        // Boxed: its state would otherwise sit in every idle socket's task.
+                        Box::pin(self.on_client_message(tx, msg)).await
+                    } else {
+                        self.on_control(tx, msg)
+                    };
+                    if let Some(end) = end {
                         return end;
                     }
                 }
@@ -780,9 +841,9 @@ impl Conn {
         }
     }
 
-    /// A frame from the client: control frames are answered through the
-    /// writer's urgent queue (never awaited), messages handled.
-    async fn on_frame(&mut self, tx: &mut Tx, msg: Incoming) -> Option<End> {
+    /// A control frame from the client, answered through the writer's
+    /// urgent queue (never awaited).
+    fn on_control(&mut self, tx: &mut Tx, msg: Incoming) -> Option<End> {
         match msg {
             Incoming::Close(code) => Some(End::ClientClosed(code)),
             Incoming::Ping(payload) => {
@@ -792,13 +853,16 @@ impl Conn {
                 tx.push_pong(&payload).err().map(|_| End::unresponsive(close::TRY_AGAIN_LATER, "too slow"))
             }
             Incoming::Pong => self.over_rate(),
-            Incoming::Text(text) => self.on_client_message(tx, Some(text.as_str())).await,
-            Incoming::Binary(_) => self.on_client_message(tx, None).await,
+            Incoming::Text(_) | Incoming::Binary(_) => None,
         }
     }
 
-    /// A text (`Some`) or binary (`None`) message from the client.
-    async fn on_client_message(&mut self, tx: &mut Tx, text: Option<&str>) -> Option<End> {
+    /// A text or binary message from the client.
+    async fn on_client_message(&mut self, tx: &mut Tx, msg: Incoming) -> Option<End> {
+        let text = match &msg {
+            Incoming::Text(text) => Some(text.as_str()),
+            _ => None,
+        };
         self.state().metrics.messages_received.increment(1);
         self.last_activity.store(self.state().presence.now_secs(), Ordering::Relaxed);
         if let Some(end) = self.over_rate() {
@@ -964,11 +1028,57 @@ mod tests {
     /// The message that makes a socket's task panic in this test build.
     pub const PANIC: &str = "test: panic now";
 
+    /// The size of what `f` returns, without calling it.
+    fn size_of_return<A, B, F>(_: impl Fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// The size of a socket's task (the future `guarded` returns), which
+    /// stays in memory as long as the socket is open.
+    fn socket_task_size<C: std::future::Future<Output = super::Connected>>(
+        _connect: impl Fn(super::Socket, Arc<crate::EdgeState>, super::ConnectRequest) -> C,
+    ) -> usize {
+        size_of_return(super::guarded::<C>)
+    }
+
+    /// Every idle socket keeps its task: the connect and close steps must not
+    /// sit in it (they are boxed). The bound has room for the debug build,
+    /// whose futures are larger than the release build's.
+    #[test]
+    fn resident_socket_task_stays_small() {
+        let task = socket_task_size(super::connect);
+        let live = std::mem::size_of::<super::Live>();
+        eprintln!("socket task {task} B, of which Live {live} B");
+        assert!(task <= 1_280, "a socket's resident task grew to {task} bytes");
+    }
+
     fn counter() -> f64 {
         let text = daisi_common::telemetry::metrics_handle().render();
         text.lines()
             .find_map(|l| l.strip_prefix("dws_socket_task_panics_total ").and_then(|v| v.parse().ok()))
             .unwrap_or(-1.0)
+    }
+
+    #[tokio::test]
+    async fn an_open_socket_leaves_no_takeover_waiter_behind() {
+        let (nats, redis) = (NatsServer::start(), RedisServer::start());
+        let (_tx, rx) = watch::channel(Arc::new(test_config(&nats, &redis)));
+        let stop = CancellationToken::new();
+        let edge = crate::run(rx, stop.clone()).await.expect("edge starts");
+        let url = |user: &str| {
+            format!("ws://{}/ws/c1/a1?token={}&x-api-key={API_KEY}", edge.http_addr, user_token("c1", "a1", user, 60))
+        };
+        let mut first = WsClient::connect(&url("u1")).await;
+        first.expect_ready().await;
+        let mut second = WsClient::connect(&url("u2")).await;
+        second.expect_ready().await;
+        // Each acquire's waiter entry (key and Notify) went with it: an idle
+        // socket keeps none, and keys once used do not pile up.
+        assert_eq!(edge.state.presence.takeover_waiters(), 0);
+        first.close().await;
+        second.close().await;
+        stop.cancel();
+        edge.wait().await;
     }
 
     #[tokio::test]
