@@ -93,8 +93,108 @@ pub enum RedisConn {
     /// One server, reconnecting by itself ([`redis_manager`]).
     Standalone(ConnectionManager),
     /// A Redis Cluster (redis-rs `cluster-async`): commands go to the node
-    /// owning their slot, follow `MOVED`/`ASK` and failovers.
-    Cluster(redis::cluster_async::ClusterConnection),
+    /// owning their slot, follow `MOVED`/`ASK` and failovers; a connection
+    /// that times out is replaced ([`ClusterConn`]).
+    Cluster(ClusterConn),
+}
+
+/// The least time between two replacements of a cluster connection.
+pub const CLUSTER_RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// A Redis Cluster connection shared by every clone, replaced by a fresh
+/// one (slots rediscovered from the listed nodes) when a command times out.
+///
+/// redis-rs refreshes its slot map on `MOVED` and connection errors only:
+/// a frozen master (it keeps its sockets, answers nothing) makes every
+/// command for its slots time out, even after the cluster failed it over
+/// to its replica. A new connection asks the nodes that answer which node
+/// serves which slot; the frozen one fails its connection check within
+/// the connection timeout and is left out (decision 0027).
+#[derive(Clone)]
+pub struct ClusterConn(std::sync::Arc<ClusterShared>);
+
+struct ClusterShared {
+    client: redis::cluster::ClusterClient,
+    current: std::sync::RwLock<redis::cluster_async::ClusterConnection>,
+    /// When the last replacement started (`None`: never); one at a time.
+    reconnect: std::sync::Mutex<Option<std::time::Instant>>,
+    reconnecting: std::sync::atomic::AtomicBool,
+}
+
+/// How many times this process replaced its Redis Cluster connection after
+/// a timeout.
+static CLUSTER_RECONNECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times this process replaced a Redis Cluster connection after a
+/// command timed out.
+pub fn cluster_reconnects() -> u64 {
+    CLUSTER_RECONNECTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn cluster_connection_config() -> redis::cluster::ClusterConfig {
+    redis::cluster::ClusterConfig::new()
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(REDIS_RESPONSE_TIMEOUT)
+}
+
+impl ClusterConn {
+    fn new(client: redis::cluster::ClusterClient) -> Self {
+        let conn = client.get_pending_async_connection_with_config(cluster_connection_config());
+        Self(std::sync::Arc::new(ClusterShared {
+            client,
+            current: std::sync::RwLock::new(conn),
+            reconnect: std::sync::Mutex::new(None),
+            reconnecting: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// The connection commands use now.
+    fn current(&self) -> redis::cluster_async::ClusterConnection {
+        self.0.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// After a timeout: connects anew in the background (at most one at a
+    /// time, at most once per [`CLUSTER_RECONNECT_INTERVAL`]) and, once the
+    /// new connection knows the slots, every clone uses it. Commands keep
+    /// using the old one meanwhile.
+    fn note<T>(&self, result: &redis::RedisResult<T>) {
+        use std::sync::atomic::Ordering;
+        let Err(e) = result else { return };
+        if !e.is_timeout() {
+            return;
+        }
+        {
+            let mut last = self.0.reconnect.lock().unwrap_or_else(|e| e.into_inner());
+            let now = std::time::Instant::now();
+            if last.is_some_and(|t| now.duration_since(t) < CLUSTER_RECONNECT_INTERVAL)
+                || self.0.reconnecting.swap(true, Ordering::AcqRel)
+            {
+                return;
+            }
+            *last = Some(now);
+        }
+        let shared = self.0.clone();
+        tokio::spawn(async move {
+            let fresh = tokio::time::timeout(
+                Duration::from_secs(10),
+                shared.client.get_async_connection_with_config(cluster_connection_config()),
+            )
+            .await;
+            match fresh {
+                Ok(Ok(conn)) => {
+                    *shared.current.write().unwrap_or_else(|e| e.into_inner()) = conn;
+                    CLUSTER_RECONNECTS.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("dws_redis_cluster_reconnects_total").increment(1);
+                    tracing::warn!("redis cluster command timed out: connection replaced, slots rediscovered");
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis cluster command timed out; reconnecting failed"),
+                Err(_) => tracing::warn!("redis cluster command timed out; reconnecting timed out"),
+            }
+            // The interval counts from the end of this attempt too.
+            *shared.reconnect.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
+            shared.reconnecting.store(false, Ordering::Release);
+        });
+    }
 }
 
 /// Commands refused for crossing slots (every one is a bug: keys of one
@@ -126,7 +226,11 @@ impl redis::aio::ConnectionLike for RedisConn {
         Box::pin(async move {
             let result = match self {
                 RedisConn::Standalone(c) => c.req_packed_command(cmd).await,
-                RedisConn::Cluster(c) => c.req_packed_command(cmd).await,
+                RedisConn::Cluster(c) => {
+                    let result = c.current().req_packed_command(cmd).await;
+                    c.note(&result);
+                    result
+                }
             };
             note_cross_slot(&result);
             result
@@ -142,7 +246,11 @@ impl redis::aio::ConnectionLike for RedisConn {
         Box::pin(async move {
             let result = match self {
                 RedisConn::Standalone(c) => c.req_packed_commands(pipeline, offset, count).await,
-                RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count).await,
+                RedisConn::Cluster(c) => {
+                    let result = c.current().req_packed_commands(pipeline, offset, count).await;
+                    c.note(&result);
+                    result
+                }
             };
             note_cross_slot(&result);
             result
@@ -152,7 +260,7 @@ impl redis::aio::ConnectionLike for RedisConn {
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Standalone(c) => c.get_db(),
-            RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.current().get_db(),
         }
     }
 }
@@ -225,7 +333,7 @@ pub fn redis(config: &RedisConfig) -> Result<Redis, DepsError> {
 /// slot, a failover in progress) are short and the whole request is
 /// bounded like a standalone one, so a lost master is an error within
 /// [`REDIS_RESPONSE_TIMEOUT`], retried by the caller, not a stall.
-fn redis_cluster(config: &RedisConfig, urls: &[String]) -> Result<redis::cluster_async::ClusterConnection, DepsError> {
+fn redis_cluster(config: &RedisConfig, urls: &[String]) -> Result<ClusterConn, DepsError> {
     let nodes = urls.iter().map(|u| connection_info(config, u)).collect::<Result<Vec<_>, _>>()?;
     let tls = urls.iter().any(|u| u.starts_with("rediss://"));
     let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
@@ -240,10 +348,7 @@ fn redis_cluster(config: &RedisConfig, urls: &[String]) -> Result<redis::cluster
         builder = builder.certs(tls_certificates(config)?);
     }
     let client = builder.build().map_err(DepsError::Redis)?;
-    let cfg = redis::cluster::ClusterConfig::new()
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(REDIS_RESPONSE_TIMEOUT);
-    Ok(client.get_pending_async_connection_with_config(cfg))
+    Ok(ClusterConn::new(client))
 }
 
 /// How often the NATS client pings its server. Three unanswered pings (about

@@ -56,6 +56,7 @@ impl EdgeMetrics {
             "dws_grpc_duplicates_total",
             "dws_grpc_invalid_events_total",
             "dws_redis_cross_slot_errors_total",
+            "dws_redis_cluster_reconnects_total",
         ] {
             let _ = counter!(name);
         }

@@ -78,6 +78,7 @@ impl RouterMetrics {
         let _ = daisi_common::telemetry::metrics_handle();
         // Moves only on a key layout bug: present from start, at zero.
         let _ = counter!("dws_redis_cross_slot_errors_total");
+        let _ = counter!("dws_redis_cluster_reconnects_total");
         Self {
             routed: Tally::new(counter!("dws_router_routed_total")),
             unrouted: Tally::new(counter!("dws_router_unrouted_total")),
