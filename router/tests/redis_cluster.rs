@@ -254,3 +254,110 @@ async fn subscribers_leave_a_frozen_redis_replica_and_takeovers_still_cross_edge
     redis.thaw(first);
     assert_no_cross_slot(&redis);
 }
+
+/// A frozen master (SIGSTOP: it keeps its sockets and answers nothing) is
+/// failed over by the cluster; the edges and the router must then leave it
+/// within a bound, although no command to it ever fails with a connection
+/// error or `MOVED` (decision 0027, "Known limit").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_master_is_left_after_its_failover_and_users_take_over() {
+    let nats = NatsServer::start();
+    let mut redis = RedisCluster::start();
+    let config = cluster_config(&nats, &redis);
+    let _router = router_with(config.clone()).await;
+    let e1 = edge_with(&config).await;
+    let e2 = edge_with(&config).await;
+    let js = daisi_common::deps::nats_client(&config.nats, "test publisher").await.expect("publisher");
+    let js = async_nats::jetstream::new(js);
+
+    // The master of the registry's slot (every edge and the router read it),
+    // and users whose session lives on it too.
+    let registry = daisi_common::names::KeyLayout::Cluster.directory();
+    let victim = redis.master_for_key(registry);
+    let names_on_victim: Vec<String> = (0..200)
+        .map(|i| format!("m{i}"))
+        .filter(|u| redis.master_for_key(&names::user_session_key("c2", "a2", u)) == victim)
+        .take(2)
+        .collect();
+    assert_eq!(names_on_victim.len(), 2, "users with a session on the victim");
+    let mut watchers = vec![
+        ("c1/u1 on edge 1", user(e1.edge(), "c1", "a1", "u1").await),
+        ("c1/u2 on edge 2", user(e2.edge(), "c1", "a1", "u2").await),
+    ];
+    let mut movers = Vec::new();
+    for name in &names_on_victim {
+        movers.push(user(e1.edge(), "c2", "a2", name).await);
+    }
+    wait_registry_complete(&config).await;
+
+    let slot: u16 = daisi_testkit::cluster::redis_raw(victim, &format!("CLUSTER KEYSLOT {registry}"))
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .expect("the registry's slot");
+    redis.freeze(victim);
+    // The cluster fails it over (node timeout 1.5 s): wait for a replica to
+    // serve the registry's slot. The frozen node is skipped by the lookup.
+    let failed_over = tokio::task::spawn_blocking({
+        let ports = redis.ports();
+        move || {
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(60) {
+                let owner = ports.iter().filter(|p| **p != victim).find_map(|p| {
+                    let r = daisi_testkit::cluster::redis_raw(*p, "CLUSTER NODES");
+                    r.lines()
+                        .find(|l| l.split(' ').nth(2).is_some_and(|f| f.contains("myself") && f.contains("master")))
+                        .and_then(|l| {
+                            l.split(' ')
+                                .skip(8)
+                                .any(|range| {
+                                    let mut it = range.split('-');
+                                    let lo = it.next().and_then(|s| s.parse::<u16>().ok());
+                                    let hi = it.next().and_then(|s| s.parse::<u16>().ok()).or(lo);
+                                    matches!((lo, hi), (Some(lo), Some(hi)) if (lo..=hi).contains(&slot))
+                                })
+                                .then_some(*p)
+                        })
+                });
+                if let Some(p) = owner {
+                    return Some(p);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            None
+        }
+    })
+    .await
+    .expect("failover lookup");
+    let new_master = failed_over.expect("a replica took over the frozen master's slots");
+    assert_ne!(new_master, victim);
+
+    // From here on, what a user notices: within WAIT of the failover, events
+    // reach both edges and the sessions on the frozen node move to edge 2.
+    let after_failover = async {
+        let subject = names::chats_subject("c1", "a1");
+        let mut published = BTreeSet::new();
+        for i in 0..5 {
+            published.insert(publish_json(&js, &subject, &json!({"i": i})).await);
+        }
+        let mut moved = Vec::new();
+        for (name, mut old) in names_on_victim.iter().zip(std::mem::take(&mut movers)) {
+            let new = user_retrying(e2.edge(), "c2", "a2", name);
+            let (new, ()) = tokio::join!(new, old.expect_error_then_close("SessionConflict", 4402));
+            moved.push(new);
+        }
+        for (who, c) in &mut watchers {
+            let got = distinct_seqs(c, published.len(), who).await;
+            assert_eq!(&got, &published, "{who}: every event, once");
+        }
+        let c2 = publish_json(&js, &names::chats_subject("c2", "a2"), &json!({"moved": true})).await;
+        for c in &mut moved {
+            assert_eq!(c.event(WAIT).await["seq"], c2);
+        }
+    };
+    let in_time = tokio::time::timeout(WAIT, after_failover).await;
+    redis.thaw(victim);
+    in_time.expect("users are served within 15 s of the failover of a frozen master");
+    assert!(daisi_common::deps::cluster_reconnects() > 0, "a timed-out cluster connection was replaced");
+    assert_no_cross_slot(&redis);
+}
