@@ -627,13 +627,35 @@ mod tests {
         let port = c.master_for_key("k");
         // Write through the right master, then kill it.
         assert_eq!(redis_raw(port, "SET k v"), "+OK\r\n");
-        // Give the replica the write before the kill (WAIT for one replica).
-        assert!(redis_raw(port, "WAIT 1 2000").starts_with(":1"), "replica did not acknowledge the write");
+        // Give every replica the write before the kill: WAIT for as many as
+        // the master reports, not an assumed one. With `WAIT 1` a CI run and
+        // 1 local run in 6 found the promoted replica without the key; the
+        // cause is not pinned down (every run since, 18, had one replica and
+        // passed), so a failure prints every node's view below.
+        let replicas = redis_raw(port, "INFO replication")
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_slaves:")?.trim().parse::<usize>().ok())
+            .expect("connected_slaves");
+        assert!(replicas >= 1, "the master has a replica");
+        let acked = redis_raw(port, &format!("WAIT {replicas} 1500"));
+        assert_eq!(acked.trim(), format!(":{replicas}"), "every replica acknowledged the write");
         c.kill(port);
         c.wait_healthy(Duration::from_secs(30)).expect("replica took over");
         let new_master = c.master_for_key("k");
         assert_ne!(new_master, port);
-        assert_eq!(redis_raw(new_master, "GET k"), "$1\r\nv\r\n", "the replica had the key");
+        let got = redis_raw(new_master, "GET k");
+        if got != "$1\r\nv\r\n" {
+            eprintln!("killed {port} new {new_master} got {got:?}");
+            for n in c.nodes.iter().filter(|n| n.running()) {
+                eprintln!(
+                    "view of {}:\n{}\n{}",
+                    n.port,
+                    redis_raw(n.port, "CLUSTER NODES"),
+                    redis_raw(n.port, "INFO replication")
+                );
+            }
+        }
+        assert_eq!(got, "$1\r\nv\r\n", "the replica had the key");
         c.restart(port);
         wait_until(Duration::from_secs(30), || c.replica_ports().contains(&port));
         c.wait_healthy(Duration::from_secs(30)).unwrap();
