@@ -152,37 +152,53 @@ for i = 3, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return 1
 "#;
 
-/// Resolves route keys to edges in one round trip, and checks which of the
-/// edges the router knows have not confirmed the current generation.
-/// KEYS[1] marker, KEYS[2] directory, KEYS[3..] route keys; ARGV: pods the
-/// router knows. Membership scores are not trusted for liveness (a frozen
+/// Resolves the route keys of many subjects to edges in one round trip, and
+/// checks which of the edges the router knows have not confirmed the current
+/// generation. KEYS[1] marker, KEYS[2] directory, KEYS[3..] the route keys of
+/// every subject, subject after subject; ARGV[1] the number of subjects n,
+/// ARGV[2..n+1] how many route keys each subject has, ARGV[n+2..] the pods
+/// the router knows. Membership scores are not trusted for liveness (a frozen
 /// Redis expires them while the edges live): every member is returned with
 /// its registration, and the router decides.
-/// Returns `{marker or "", {pod, reg_addr or "", ...}, {unconfirmed pod, ...}}`.
+/// Returns `{marker or "", {{pod, reg_addr or "", ...} per subject}, {unconfirmed pod, ...}}`;
+/// an unconfirmed pod that is a member of a subject does not make that
+/// subject's answer incomplete (the router applies that rule).
 pub const RESOLVE_ROUTES: &str = r#"
 local marker = redis.call('GET', KEYS[1])
-local members = {}
-local seen = {}
-for i = 3, #KEYS do
-  for _, pod in ipairs(redis.call('ZRANGE', KEYS[i], 0, -1)) do
-    if not seen[pod] then
-      seen[pod] = true
-      table.insert(members, pod)
-      table.insert(members, redis.call('HGET', 'edge:' .. pod, 'addr') or '')
+local n = tonumber(ARGV[1])
+local addrs = {}
+local groups = {}
+local k = 3
+for g = 1, n do
+  local members = {}
+  local seen = {}
+  for _ = 1, tonumber(ARGV[g + 1]) do
+    for _, pod in ipairs(redis.call('ZRANGE', KEYS[k], 0, -1)) do
+      if not seen[pod] then
+        seen[pod] = true
+        local addr = addrs[pod]
+        if addr == nil then
+          addr = redis.call('HGET', 'edge:' .. pod, 'addr') or ''
+          addrs[pod] = addr
+        end
+        table.insert(members, pod)
+        table.insert(members, addr)
+      end
     end
+    k = k + 1
   end
+  groups[g] = members
 end
 local unconfirmed = {}
-for _, pod in ipairs(ARGV) do
-  if not seen[pod] then
-    local gen = redis.call('HGET', 'edge:' .. pod, 'gen')
-    if (not marker) or gen ~= marker then
-      local entry = redis.call('HGET', KEYS[2], pod) or ''
-      if string.sub(entry, 1, 1) ~= '-' then table.insert(unconfirmed, pod) end
-    end
+for i = n + 2, #ARGV do
+  local pod = ARGV[i]
+  local gen = redis.call('HGET', 'edge:' .. pod, 'gen')
+  if (not marker) or gen ~= marker then
+    local entry = redis.call('HGET', KEYS[2], pod) or ''
+    if string.sub(entry, 1, 1) ~= '-' then table.insert(unconfirmed, pod) end
   end
 end
-return {marker or '', members, unconfirmed}
+return {marker or '', groups, unconfirmed}
 "#;
 
 /// The registry half of [`RESOLVE_ROUTES`] for a Redis Cluster, where route
@@ -192,7 +208,7 @@ return {marker or '', members, unconfirmed}
 /// not confirmed the current generation. KEYS[1] marker, KEYS[2] directory,
 /// KEYS[2 + i] the registration key of pod ARGV[i + 1]; ARGV[1] the number
 /// of route members, ARGV[2..] the members, then the pods the router knows.
-/// Returns the reply of [`RESOLVE_ROUTES`].
+/// Returns `{marker or "", {pod, reg_addr or "", ...}, {unconfirmed pod, ...}}`.
 pub const RESOLVE_REGISTRY: &str = r#"
 local marker = redis.call('GET', KEYS[1])
 local n = tonumber(ARGV[1])

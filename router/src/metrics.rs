@@ -49,6 +49,9 @@ pub struct RouterMetrics {
     pub forward_retries: Tally,
     /// Naks because Redis could not resolve the routes.
     pub resolve_errors: Tally,
+    /// Redis round trips made to resolve routes (one per pulled chunk whose
+    /// subjects were not all cached, whatever its size).
+    pub route_lookups: Tally,
     /// Events written to edge gRPC streams.
     pub grpc_sent: Tally,
     /// Route memberships removed because their edge's registration was gone.
@@ -87,6 +90,7 @@ impl RouterMetrics {
             rebuilding_naks: Tally::new(counter!("dws_router_rebuilding_naks_total")),
             forward_retries: Tally::new(counter!("dws_grpc_forward_retry_attempts_total")),
             resolve_errors: Tally::new(counter!("dws_router_resolve_errors_total")),
+            route_lookups: Tally::new(counter!("dws_router_route_lookups_total")),
             grpc_sent: Tally::new(counter!("dws_grpc_messages_sent_total")),
             dead_members_removed: Tally::new(counter!("dws_router_dead_route_members_removed_total")),
             circuit_opened: Tally::new(counter!("dws_router_edge_circuit_opened_total")),
@@ -112,6 +116,7 @@ impl RouterMetrics {
             rebuilding_naks: self.rebuilding_naks.get(),
             forward_retries: self.forward_retries.get(),
             resolve_errors: self.resolve_errors.get(),
+            route_lookups: self.route_lookups.get(),
             grpc_sent: self.grpc_sent.get(),
             dead_members_removed: self.dead_members_removed.get(),
             circuit_opened: self.circuit_opened.get(),
@@ -141,6 +146,7 @@ pub struct RouterStats {
     pub rebuilding_naks: u64,
     pub forward_retries: u64,
     pub resolve_errors: u64,
+    pub route_lookups: u64,
     pub grpc_sent: u64,
     pub dead_members_removed: u64,
     pub circuit_opened: u64,

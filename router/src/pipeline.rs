@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::edges::{DeliveryError, Edges, Outcome};
 use crate::metrics::RouterMetrics;
-use crate::routes::{Resolution, Routes};
+use crate::routes::{Resolution, RouteError, Routes};
 
 /// How often a pull loop that receives nothing checks that its consumer
 /// still exists (an operator may have deleted it).
@@ -98,6 +98,8 @@ impl Drop for Slot {
 struct Job {
     message: jetstream::Message,
     slot: Slot,
+    /// Its routes, resolved with the rest of its chunk by [`resolver`].
+    resolution: Option<Result<Resolution, Arc<RouteError>>>,
 }
 
 /// Logs at most once per period (Redis outages would otherwise log per message).
@@ -151,9 +153,15 @@ pub async fn run(nats: async_nats::Client, jetstream: jetstream::Context, ctx: A
         senders.push(tx);
         workers.push(tokio::spawn(worker(rx, ctx.clone())));
     }
-    pull(&nats, &jetstream, &cfg, &ctx, &senders, semaphore, &bound).await;
+    let (to_resolver, from_puller) = mpsc::unbounded_channel();
+    let chunk = cfg.router.pull_batch_size.max(1) as usize;
+    let resolver = tokio::spawn(resolver(from_puller, ctx.clone(), senders, chunk));
+    pull(&nats, &jetstream, &cfg, &ctx, &to_resolver, semaphore, &bound).await;
     bound.send_replace(None);
-    drop(senders);
+    drop(to_resolver);
+    if let Err(e) = resolver.await {
+        tracing::error!(error = %e, "the route resolver failed");
+    }
     join_all(workers).await;
     ctx.tracker.close();
     let deadline = ctx.ack_timeout() + Duration::from_secs(2);
@@ -173,7 +181,7 @@ async fn pull(
     jetstream: &jetstream::Context,
     cfg: &Config,
     ctx: &Arc<Ctx>,
-    workers: &[mpsc::UnboundedSender<Job>],
+    resolver: &mpsc::UnboundedSender<Job>,
     semaphore: Arc<Semaphore>,
     bound: &BoundConsumer,
 ) {
@@ -263,8 +271,7 @@ async fn pull(
                 };
                 ctx.metrics.in_flight.increment(1.0);
                 let slot = Slot { _permit: permit, gauge: ctx.metrics.in_flight.clone() };
-                let i = worker_for(message.subject.as_str(), workers.len());
-                if workers[i].send(Job { message, slot }).is_err() {
+                if resolver.send(Job { message, slot, resolution: None }).is_err() {
                     return;
                 }
             }
@@ -304,6 +311,42 @@ async fn pull(
     }
 }
 
+/// Takes every pulled message waiting (up to `chunk`), resolves their routes
+/// together (one Redis round trip for all uncached subjects), and hands each
+/// to the worker owning its subject, in pull order. While one chunk's
+/// round trip is in flight the next one gathers, so under load chunks grow
+/// and Redis calls per event fall; an idle router sends chunks of one.
+async fn resolver(
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    ctx: Arc<Ctx>,
+    workers: Vec<mpsc::UnboundedSender<Job>>,
+    chunk: usize,
+) {
+    let mut jobs: Vec<Job> = Vec::with_capacity(chunk);
+    while rx.recv_many(&mut jobs, chunk).await > 0 {
+        if !ctx.shutdown.is_cancelled() {
+            // Invalid subjects are left unresolved: their worker terminates them.
+            let asked: Vec<(usize, Subject<'_>)> = jobs
+                .iter()
+                .enumerate()
+                .filter_map(|(i, job)| Subject::parse(job.message.subject.as_str()).map(|s| (i, s)))
+                .collect();
+            let subjects: Vec<Subject<'_>> = asked.iter().map(|(_, s)| *s).collect();
+            let answers = ctx.routes.resolve_many(&subjects).await;
+            let at: Vec<usize> = asked.into_iter().map(|(i, _)| i).collect();
+            for (i, answer) in at.into_iter().zip(answers) {
+                jobs[i].resolution = Some(answer);
+            }
+        }
+        for job in jobs.drain(..) {
+            let i = worker_for(job.message.subject.as_str(), workers.len());
+            if workers[i].send(job).is_err() {
+                return;
+            }
+        }
+    }
+}
+
 async fn worker(mut rx: mpsc::UnboundedReceiver<Job>, ctx: Arc<Ctx>) {
     while let Some(job) = rx.recv().await {
         process(&ctx, job).await;
@@ -318,7 +361,7 @@ async fn settle(acker: &Acker, kind: AckKind, seq: u64) {
 }
 
 async fn process(ctx: &Arc<Ctx>, job: Job) {
-    let Job { message, slot } = job;
+    let Job { message, slot, resolution } = job;
     let (seq, delivered, published_unix_nanos) = match message.info() {
         Ok(info) => {
             (info.stream_sequence, info.delivered, i64::try_from(info.published.unix_timestamp_nanos()).unwrap_or(0))
@@ -355,7 +398,11 @@ async fn process(ctx: &Arc<Ctx>, job: Job) {
         return;
     }
     let retry = Retry { subject: subject_str.to_string(), seq, delivered };
-    let Resolution { edges, complete } = match ctx.routes.resolve(&subject).await {
+    let resolution = match resolution {
+        Some(resolution) => resolution,
+        None => ctx.routes.resolve(&subject).await.map_err(Arc::new),
+    };
+    let Resolution { edges, complete } = match resolution {
         Ok(r) => r,
         Err(e) => {
             ctx.metrics.resolve_errors.inc();

@@ -61,10 +61,27 @@ pub struct Resolution {
 struct ScriptReply {
     /// The registry generation ("" = missing: Redis lost its data).
     marker: String,
-    /// Route members with their registered address ("" = no registration).
-    pods: Vec<(String, String)>,
+    /// Per subject asked, its route members with their registered address
+    /// ("" = no registration).
+    members: Vec<Vec<(String, String)>>,
     /// Known edges that have not confirmed `marker`.
     unconfirmed: Vec<String>,
+}
+
+/// What the cluster's registry script answered.
+#[derive(Debug, PartialEq, Eq)]
+struct RegistryReply {
+    marker: String,
+    /// Every member asked about, with its registered address ("" = none).
+    pods: Vec<(String, String)>,
+    unconfirmed: Vec<String>,
+}
+
+/// A subject the cache could not answer, and the chunk entries that asked.
+struct Miss {
+    cache_key: String,
+    keys: Vec<String>,
+    asked_by: Vec<usize>,
 }
 
 struct CacheEntry {
@@ -176,32 +193,92 @@ impl Routes {
 
     /// Resolves `subject` to the live edges that want it.
     pub async fn resolve(&self, subject: &Subject<'_>) -> Result<Resolution, RouteError> {
-        let keys = route_keys(subject);
-        let cache_key = keys.join("\n");
-        if let Some(entry) = self.cache.get(&cache_key)
-            && entry.at.elapsed() < CACHE_TTL
-        {
-            return Ok(entry.resolution.clone());
+        let mut answers = self.resolve_many(std::slice::from_ref(subject)).await;
+        match answers.pop() {
+            Some(Ok(resolution)) => Ok(resolution),
+            Some(Err(e)) => Err(Arc::into_inner(e).unwrap_or_else(|| RouteError::Reply("shared error".into()))),
+            None => Err(RouteError::Reply("no answer".into())),
         }
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let loaded = self.directory.loaded();
-        let mut conn = self.redis.clone();
-        let reply = if self.keys.is_cluster() {
-            self.resolve_in_cluster(&mut conn, &keys).await?
-        } else {
-            let mut invocation = self.script.prepare_invoke();
-            invocation.key(names::REGISTRY_GENERATION_KEY).key(names::EDGE_DIRECTORY_KEY);
-            for key in &keys {
-                invocation.key(key);
+    }
+
+    /// Resolves every subject of a pulled chunk, answer `i` for subject `i`:
+    /// cached ones at once, the distinct others together in one Redis round
+    /// trip (standalone: one script call; cluster: the members read per slot,
+    /// concurrently, then one registry call). A failed round trip fails
+    /// every subject it was for, and only those.
+    pub async fn resolve_many(&self, subjects: &[Subject<'_>]) -> Vec<Result<Resolution, Arc<RouteError>>> {
+        let mut answers: Vec<Option<Result<Resolution, Arc<RouteError>>>> = vec![None; subjects.len()];
+        let mut misses: Vec<Miss> = Vec::new();
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        for (i, subject) in subjects.iter().enumerate() {
+            let keys = route_keys(subject);
+            let cache_key = keys.join("\n");
+            if let Some(entry) = self.cache.get(&cache_key)
+                && entry.at.elapsed() < CACHE_TTL
+            {
+                answers[i] = Some(Ok(entry.resolution.clone()));
+                continue;
             }
-            for pod in self.directory.awaited() {
-                invocation.arg(pod);
+            match index.get(&cache_key) {
+                Some(&m) => misses[m].asked_by.push(i),
+                None => {
+                    index.insert(cache_key.clone(), misses.len());
+                    misses.push(Miss { cache_key, keys, asked_by: vec![i] });
+                }
             }
-            parse_reply(invocation.invoke_async(&mut conn).await?)?
-        };
-        let mut live = Vec::with_capacity(reply.pods.len());
+        }
+        if !misses.is_empty() {
+            let epoch = self.epoch.load(Ordering::Acquire);
+            let loaded = self.directory.loaded();
+            let mut conn = self.redis.clone();
+            self.metrics.route_lookups.inc();
+            let reply = if self.keys.is_cluster() {
+                self.lookup_in_cluster(&mut conn, &misses).await
+            } else {
+                self.lookup(&mut conn, &misses).await
+            };
+            match reply {
+                Err(e) => {
+                    let e = Arc::new(e);
+                    for miss in &misses {
+                        for &i in &miss.asked_by {
+                            answers[i] = Some(Err(e.clone()));
+                        }
+                    }
+                }
+                Ok(reply) => {
+                    for (miss, pods) in misses.into_iter().zip(reply.members) {
+                        let resolution =
+                            self.judge(&mut conn, &miss, pods, &reply.marker, &reply.unconfirmed, loaded, epoch).await;
+                        for &i in &miss.asked_by {
+                            answers[i] = Some(Ok(resolution.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        answers.into_iter().map(|a| a.unwrap_or_else(|| Err(Arc::new(RouteError::Reply("no answer".into()))))).collect()
+    }
+
+    /// Turns one subject's members into its resolution (dropping members of
+    /// confirmed-dead edges), and caches it unless an invalidation raced it.
+    #[allow(clippy::too_many_arguments)]
+    async fn judge(
+        &self,
+        conn: &mut RedisConn,
+        miss: &Miss,
+        pods: Vec<(String, String)>,
+        marker: &str,
+        unconfirmed: &[String],
+        loaded: bool,
+        epoch: u64,
+    ) -> Resolution {
+        let mut live = Vec::with_capacity(pods.len());
         let mut dead = Vec::new();
-        for (pod, addr) in reply.pods {
+        // An awaited edge that is itself a member gets the event now: only
+        // the others can make the answer incomplete.
+        let incomplete = unconfirmed.iter().any(|u| !pods.iter().any(|(pod, _)| pod == u));
+        for (pod, addr) in pods {
             if !addr.is_empty() {
                 live.push(EdgeTarget { pod: pod.into(), addr: addr.into() });
             } else if let Some(target) = self.directory.unregistered_target(&pod) {
@@ -213,39 +290,95 @@ impl Routes {
             }
         }
         if !dead.is_empty() {
-            self.remove_dead(&mut conn, &keys, &dead).await;
+            self.remove_dead(conn, &miss.keys, &dead).await;
         }
-        let complete = loaded && !reply.marker.is_empty() && reply.unconfirmed.is_empty();
+        let complete = loaded && !marker.is_empty() && !incomplete;
         let resolution = Resolution { edges: live.into(), complete };
         if dead.is_empty() && self.epoch.load(Ordering::Acquire) == epoch {
-            self.cache.insert(cache_key, CacheEntry { at: Instant::now(), resolution: resolution.clone() });
+            self.cache
+                .insert(miss.cache_key.clone(), CacheEntry { at: Instant::now(), resolution: resolution.clone() });
         }
-        Ok(resolution)
+        resolution
+    }
+
+    /// [`scripts::RESOLVE_ROUTES`] for every missed subject in one call.
+    async fn lookup(&self, conn: &mut RedisConn, misses: &[Miss]) -> Result<ScriptReply, RouteError> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.key(names::REGISTRY_GENERATION_KEY).key(names::EDGE_DIRECTORY_KEY);
+        for key in misses.iter().flat_map(|m| &m.keys) {
+            invocation.key(key);
+        }
+        invocation.arg(misses.len());
+        for miss in misses {
+            invocation.arg(miss.keys.len());
+        }
+        for pod in self.directory.awaited() {
+            invocation.arg(pod);
+        }
+        let reply = parse_reply(invocation.invoke_async(conn).await?)?;
+        if reply.members.len() != misses.len() {
+            return Err(RouteError::Reply(format!("{} answers for {} subjects", reply.members.len(), misses.len())));
+        }
+        Ok(reply)
     }
 
     /// [`scripts::RESOLVE_ROUTES`] in a Redis Cluster, where the route keys
-    /// and the registry live in different slots: the members are read first
-    /// (one pipeline per slot; the keys of one subject share a slot), then
-    /// [`scripts::RESOLVE_REGISTRY`] runs in the registry's slot.
-    async fn resolve_in_cluster(&self, conn: &mut RedisConn, keys: &[String]) -> Result<ScriptReply, RouteError> {
-        let stored: Vec<String> = keys.iter().map(|k| self.keys.route(k)).collect();
-        let members: Vec<Vec<Vec<String>>> =
-            daisi_common::deps::pipeline_per_slot(conn, self.keys, stored, |pipe, key| {
+    /// and the registry live in different slots: the members of every route
+    /// key are read first (one pipeline per slot, all at once; the keys of
+    /// one subject share a slot), then [`scripts::RESOLVE_REGISTRY`] runs
+    /// once, in the registry's slot, for every member found.
+    async fn lookup_in_cluster(&self, conn: &mut RedisConn, misses: &[Miss]) -> Result<ScriptReply, RouteError> {
+        let stored: Vec<(usize, String)> = misses
+            .iter()
+            .enumerate()
+            .flat_map(|(m, miss)| miss.keys.iter().map(move |k| (m, self.keys.route(k))))
+            .collect();
+        let groups = self.keys.by_slot(stored, |(_, key)| key.as_str());
+        let read = futures_util::future::try_join_all(groups.into_iter().map(|group| {
+            let mut conn = conn.clone();
+            let mut pipe = redis::pipe();
+            for (_, key) in &group {
                 pipe.zrange(key, 0, -1);
-            })
-            .await?;
-        let mut pods: Vec<String> = Vec::new();
-        for pod in members.into_iter().flatten().flatten() {
-            if !pods.contains(&pod) {
-                pods.push(pod);
+            }
+            async move {
+                let members: Vec<Vec<String>> = pipe.query_async(&mut conn).await?;
+                Ok::<_, redis::RedisError>(group.into_iter().map(|(m, _)| m).zip(members).collect::<Vec<_>>())
+            }
+        }))
+        .await?;
+        let mut per_miss: Vec<Vec<String>> = vec![Vec::new(); misses.len()];
+        let mut union: Vec<String> = Vec::new();
+        let mut in_union: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for (m, members) in read.into_iter().flatten() {
+            for pod in members {
+                if !per_miss[m].contains(&pod) {
+                    per_miss[m].push(pod.clone());
+                }
+                if in_union.insert(pod.clone()) {
+                    union.push(pod);
+                }
             }
         }
         let mut invocation = self.registry_script.prepare_invoke();
-        invocation.key(self.keys.generation()).key(self.keys.directory()).arg(pods.len());
-        for pod in pods.iter().cloned().chain(self.directory.awaited()) {
+        invocation.key(self.keys.generation()).key(self.keys.directory()).arg(union.len());
+        for pod in union.iter().cloned().chain(self.directory.awaited()) {
             invocation.key(self.keys.edge(&pod)).arg(pod);
         }
-        parse_reply(invocation.invoke_async(conn).await?)
+        let registry = parse_registry_reply(invocation.invoke_async(conn).await?)?;
+        let addr: std::collections::HashMap<&str, &str> =
+            registry.pods.iter().map(|(pod, addr)| (pod.as_str(), addr.as_str())).collect();
+        let members = per_miss
+            .into_iter()
+            .map(|pods| {
+                pods.into_iter()
+                    .map(|pod| {
+                        let a = addr.get(pod.as_str()).copied().unwrap_or_default().to_string();
+                        (pod, a)
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok(ScriptReply { marker: registry.marker, members, unconfirmed: registry.unconfirmed })
     }
 
     /// Removes pods that have no registration and that no router knows any
@@ -277,27 +410,50 @@ fn as_string(v: redis::Value) -> Option<String> {
     }
 }
 
-/// Parses `{marker or "", {pod, addr or "", ...}, {unconfirmed pod, ...}}`.
-fn parse_reply(raw: redis::Value) -> Result<ScriptReply, RouteError> {
+/// Parses `{pod, addr or "", ...}` into pairs.
+fn parse_pairs(items: Vec<redis::Value>) -> Result<Vec<(String, String)>, RouteError> {
+    let mut pods = Vec::with_capacity(items.len() / 2);
+    let mut items = items.into_iter();
+    while let Some(pod) = items.next() {
+        let pod = as_string(pod).ok_or_else(|| RouteError::Reply("bad pod id".into()))?;
+        let addr = items.next().and_then(as_string).unwrap_or_default();
+        pods.push((pod, addr));
+    }
+    Ok(pods)
+}
+
+/// Splits `{marker or "", X, {unconfirmed pod, ...}}`.
+fn split_reply(raw: redis::Value) -> Result<(String, Vec<redis::Value>, Vec<String>), RouteError> {
     let redis::Value::Array(items) = raw else {
         return Err(RouteError::Reply(format!("expected an array, got {raw:?}")));
     };
     let mut items = items.into_iter();
-    let (Some(marker), Some(redis::Value::Array(members)), Some(redis::Value::Array(unconfirmed))) =
+    let (Some(marker), Some(redis::Value::Array(middle)), Some(redis::Value::Array(unconfirmed))) =
         (items.next(), items.next(), items.next())
     else {
         return Err(RouteError::Reply("expected marker, members and unconfirmed edges".into()));
     };
     let marker = as_string(marker).ok_or_else(|| RouteError::Reply("bad marker".into()))?;
-    let mut pods = Vec::new();
-    let mut members = members.into_iter();
-    while let Some(pod) = members.next() {
-        let pod = as_string(pod).ok_or_else(|| RouteError::Reply("bad pod id".into()))?;
-        let addr = members.next().and_then(as_string).unwrap_or_default();
-        pods.push((pod, addr));
-    }
-    let unconfirmed = unconfirmed.into_iter().filter_map(as_string).collect();
-    Ok(ScriptReply { marker, pods, unconfirmed })
+    Ok((marker, middle, unconfirmed.into_iter().filter_map(as_string).collect()))
+}
+
+/// Parses [`scripts::RESOLVE_ROUTES`]'s `{marker or "", {{pod, addr or "", ...} per subject}, {unconfirmed pod, ...}}`.
+fn parse_reply(raw: redis::Value) -> Result<ScriptReply, RouteError> {
+    let (marker, groups, unconfirmed) = split_reply(raw)?;
+    let members = groups
+        .into_iter()
+        .map(|group| match group {
+            redis::Value::Array(items) => parse_pairs(items),
+            other => Err(RouteError::Reply(format!("expected a subject's members, got {other:?}"))),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(ScriptReply { marker, members, unconfirmed })
+}
+
+/// Parses [`scripts::RESOLVE_REGISTRY`]'s `{marker or "", {pod, addr or "", ...}, {unconfirmed pod, ...}}`.
+fn parse_registry_reply(raw: redis::Value) -> Result<RegistryReply, RouteError> {
+    let (marker, members, unconfirmed) = split_reply(raw)?;
+    Ok(RegistryReply { marker, pods: parse_pairs(members)?, unconfirmed })
 }
 
 #[cfg(test)]
@@ -323,18 +479,35 @@ mod tests {
         let b = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         let raw = Value::Array(vec![
             b("gen-1"),
-            Value::Array(vec![b("edge-1"), b("10.0.0.1:50051"), b("edge-2"), b("")]),
+            Value::Array(vec![
+                Value::Array(vec![b("edge-1"), b("10.0.0.1:50051"), b("edge-2"), b("")]),
+                Value::Array(vec![]),
+            ]),
             Value::Array(vec![b("edge-3")]),
         ]);
         assert_eq!(
             parse_reply(raw).unwrap(),
             ScriptReply {
                 marker: "gen-1".into(),
-                pods: vec![("edge-1".into(), "10.0.0.1:50051".into()), ("edge-2".into(), String::new())],
+                members: vec![
+                    vec![("edge-1".into(), "10.0.0.1:50051".into()), ("edge-2".into(), String::new())],
+                    vec![],
+                ],
                 unconfirmed: vec!["edge-3".into()],
+            }
+        );
+        let registry =
+            Value::Array(vec![b("gen-1"), Value::Array(vec![b("edge-1"), b("10.0.0.1:50051")]), Value::Array(vec![])]);
+        assert_eq!(
+            parse_registry_reply(registry).unwrap(),
+            RegistryReply {
+                marker: "gen-1".into(),
+                pods: vec![("edge-1".into(), "10.0.0.1:50051".into())],
+                unconfirmed: vec![],
             }
         );
         assert!(parse_reply(Value::Int(1)).is_err());
         assert!(parse_reply(Value::Array(vec![b("g")])).is_err());
+        assert!(parse_reply(Value::Array(vec![b("g"), Value::Array(vec![b("x")]), Value::Array(vec![])])).is_err());
     }
 }

@@ -240,3 +240,49 @@ async fn events_of_one_subject_arrive_in_stream_order() {
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{who} out of stream order: {seqs:?}");
     }
 }
+
+/// A backlog of many subjects is resolved a pulled chunk at a time (one
+/// Redis round trip for many events, where one per event was made before),
+/// and each answer reaches the subject it was for: every user gets its own
+/// event, once, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_many_subjects_is_resolved_per_chunk_and_each_reaches_its_own_user() {
+    const USERS: usize = 120;
+    let env = Env::start();
+    let first = env.router().await;
+    let e1 = env.edge().await;
+    let e2 = env.edge().await;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        let edge = if i % 2 == 0 { &e1 } else { &e2 };
+        let agent = format!("a{i}");
+        users.push((names::chats_subject("c1", &agent), user(edge.edge(), "c1", &agent, &format!("u{i}")).await));
+    }
+    for i in 0..USERS {
+        let pod = if i % 2 == 0 { e1.pod_id() } else { e2.pod_id() };
+        env.wait_route(&names::chats_route_key("c1", &format!("a{i}")), &pod).await;
+    }
+    env.wait_registry_complete().await;
+    // No router while the backlog builds, so the next one pulls it whole;
+    // one event per subject, so the route cache cannot answer for the chunk.
+    first.stop().await;
+    let js = env.js().await;
+    let mut expected = Vec::new();
+    for (i, (subject, _)) in users.iter().enumerate() {
+        expected.push(publish_json(&js, subject, &json!({"user": i})).await);
+    }
+    let router = env.router().await;
+    for (i, (subject, client)) in users.iter_mut().enumerate() {
+        let ev = client.event(WAIT).await;
+        assert_eq!(ev["subject"], subject.as_str(), "user {i} got another user's event: {ev}");
+        assert_eq!(ev["seq"].as_u64(), Some(expected[i]), "user {i}: {ev}");
+    }
+    env.wait_settled().await;
+    futures_util::future::join_all(users.iter_mut().map(|(_, client)| client.expect_silence(QUIET))).await;
+    let lookups = router.stats().route_lookups;
+    // Chunks grow while a round trip is in flight; one per event would be 120.
+    assert!(
+        lookups > 0 && lookups * 4 <= USERS as u64,
+        "{lookups} route lookups for {USERS} events of {USERS} subjects"
+    );
+}
