@@ -738,17 +738,21 @@ impl Presence {
         if routes.is_empty() {
             return Ok(Vec::new());
         }
-        // One script call per hash slot (one in standalone), concurrently.
-        let groups = self.keys.by_slot(routes.iter().enumerate().collect(), |(_, (key, _))| key.as_str());
+        // One script call per hash slot (one in standalone), concurrently;
+        // grouped by the stored name, whose hash tag decides the slot (the
+        // spec name's slot differs, and grouping by it crossed slots).
+        let stored: Vec<(usize, String, u64)> =
+            routes.iter().enumerate().map(|(i, (key, ttl))| (i, self.keys.route(key), *ttl)).collect();
+        let groups = self.keys.by_slot(stored, |(_, key, _)| key.as_str());
         let replies = futures_util::future::try_join_all(groups.into_iter().map(|group| async move {
             let mut conn = self.redis.clone();
             let mut inv = self.scripts.route_refresh.prepare_invoke();
             inv.arg(&self.pod_id);
-            for (_, (key, ttl)) in &group {
-                inv.key(self.keys.route(key)).arg(*ttl);
+            for (_, key, ttl) in &group {
+                inv.key(key).arg(*ttl);
             }
             let added: Vec<i64> = inv.invoke_async(&mut conn).await?;
-            Ok::<_, redis::RedisError>(group.into_iter().map(|(i, _)| i).zip(added).collect::<Vec<_>>())
+            Ok::<_, redis::RedisError>(group.into_iter().map(|(i, ..)| i).zip(added).collect::<Vec<_>>())
         }))
         .await?;
         let mut added = vec![false; routes.len()];

@@ -116,6 +116,61 @@ async fn the_user_path_works_on_a_redis_cluster_without_crossing_slots() {
     assert_no_cross_slot(&redis);
 }
 
+/// Two companies whose chat route keys share a hash slot by their spec
+/// names (`route:<c>:<a>:chats`) but not as stored in a cluster
+/// (`route:{<c>:<a>}:chats`, hashed by the tag). At 10,000 users an edge's
+/// routes always hold such pairs (the loadtest's `routed --cluster` found it).
+fn companies_colliding_by_spec_name() -> (String, String) {
+    let layout = names::KeyLayout::Cluster;
+    let mut seen: std::collections::HashMap<_, String> = std::collections::HashMap::new();
+    for i in 0..100_000 {
+        let company = format!("k{i}");
+        let key = names::chats_route_key(&company, "a1");
+        let slot = names::hash_slot(&key);
+        if let Some(first) = seen.get(&slot) {
+            let first_key = names::chats_route_key(first, "a1");
+            if names::hash_slot(&layout.route(&first_key)) != names::hash_slot(&layout.route(&key)) {
+                return (first.clone(), company);
+            }
+        }
+        seen.entry(slot).or_insert(company);
+    }
+    panic!("no colliding pair found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_refreshes_routes_whose_spec_names_share_a_slot_without_crossing_slots() {
+    let nats = NatsServer::start();
+    let redis = RedisCluster::start();
+    let config = cluster_config(&nats, &redis);
+    let _router = router_with(config.clone()).await;
+    let e1 = edge_with(&config).await;
+    let js = async_nats::jetstream::new(
+        daisi_common::deps::nats_client(&config.nats, "test publisher").await.expect("publisher"),
+    );
+    let (c1, c2) = companies_colliding_by_spec_name();
+    let mut u1 = user(e1.edge(), &c1, "a1", "u").await;
+    let mut u2 = user(e1.edge(), &c2, "a1", "u").await;
+    wait_registry_complete(&config).await;
+
+    // Redis loses both memberships; the edge's refresh pass (one script call
+    // per slot for all its routes) must write them back.
+    let store = daisi_common::deps::redis(&config.redis).expect("redis");
+    let mut conn = store.conn.clone();
+    for c in [&c1, &c2] {
+        let stored = store.keys.route(&names::chats_route_key(c, "a1"));
+        let _: i64 = redis::cmd("DEL").arg(&stored).query_async(&mut conn).await.expect("DEL");
+    }
+    for c in [&c1, &c2] {
+        wait_route(&config, &names::chats_route_key(c, "a1"), &e1.pod_id()).await;
+    }
+    let seq = publish_json(&js, &names::chats_subject(&c1, "a1"), &json!({"c": 1})).await;
+    assert_eq!(u1.event(WAIT).await["seq"], seq);
+    let seq = publish_json(&js, &names::chats_subject(&c2, "a1"), &json!({"c": 2})).await;
+    assert_eq!(u2.event(WAIT).await["seq"], seq);
+    assert_no_cross_slot(&redis);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_a_redis_master_while_events_flow_and_users_take_over_loses_nothing() {
     let nats = NatsServer::start();
