@@ -1,10 +1,12 @@
 //! The delivery pipeline: pull from the durable consumer (bounded by
-//! `router.max_in_flight`), hand each message to the worker owning its
-//! subject (so one subject keeps stream order), resolve its routes, queue it
-//! to every owning edge without waiting, and ack JetStream only once every
-//! edge accepted it; otherwise nak with a delay, or terminate poison.
+//! `router.max_in_flight`), resolve the routes of what was pulled a chunk at
+//! a time, queue each message to every owning edge without waiting, in pull
+//! order (so one subject keeps stream order), and ack JetStream only once
+//! every edge accepted it; otherwise nak with a delay, or terminate poison.
+//! One task resolves and queues, one settles: no task per event.
 
-use std::hash::{Hash, Hasher};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -18,10 +20,10 @@ use daisi_common::names::Subject;
 use daisi_proto::delivery::Event;
 use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use metrics::Gauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::edges::{DeliveryError, Edges, Outcome};
 use crate::metrics::RouterMetrics;
@@ -46,8 +48,6 @@ pub struct Ctx {
     pub routes: Arc<Routes>,
     pub edges: Arc<Edges>,
     pub metrics: Arc<RouterMetrics>,
-    /// Completion tasks (awaiting edge acks), drained on shutdown.
-    pub tracker: TaskTracker,
     pub shutdown: CancellationToken,
     resolve_log: LogLimiter,
     /// Creation time of the stream currently bound (unix nanoseconds).
@@ -67,7 +67,6 @@ impl Ctx {
             routes,
             edges,
             metrics,
-            tracker: TaskTracker::new(),
             shutdown,
             resolve_log: LogLimiter::new(Duration::from_secs(5)),
             stream_created: AtomicU64::new(0),
@@ -122,18 +121,6 @@ impl LogLimiter {
     }
 }
 
-/// Workers: a few per core, since each spends most of its time awaiting Redis.
-fn worker_count() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).saturating_mul(8).clamp(8, 64)
-}
-
-/// The worker that owns `subject` (stable for the life of the process).
-pub fn worker_for(subject: &str, workers: usize) -> usize {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    subject.hash(&mut h);
-    (h.finish() % workers.max(1) as u64) as usize
-}
-
 /// The bound consumer, published for the readiness check (`None` while unbound).
 pub type BoundConsumer = watch::Sender<Option<PullConsumer>>;
 
@@ -143,29 +130,22 @@ pub type BoundConsumer = watch::Sender<Option<PullConsumer>>;
 pub async fn run(nats: async_nats::Client, jetstream: jetstream::Context, ctx: Arc<Ctx>, bound: BoundConsumer) {
     let cfg = ctx.config.borrow().clone();
     let semaphore = Arc::new(Semaphore::new(cfg.router.max_in_flight.max(1) as usize));
-    let n = worker_count();
-    let mut senders = Vec::with_capacity(n);
-    let mut workers = Vec::with_capacity(n);
-    for _ in 0..n {
-        // Unbounded: the semaphore already bounds what is queued in total,
-        // and a bounded queue would let one slow subject stall the puller.
-        let (tx, rx) = mpsc::unbounded_channel();
-        senders.push(tx);
-        workers.push(tokio::spawn(worker(rx, ctx.clone())));
-    }
+    // Unbounded: the semaphore already bounds what is queued in total.
     let (to_resolver, from_puller) = mpsc::unbounded_channel();
+    let (to_settler, from_resolver) = mpsc::unbounded_channel();
     let chunk = cfg.router.pull_batch_size.max(1) as usize;
-    let resolver = tokio::spawn(resolver(from_puller, ctx.clone(), senders, chunk));
+    let resolver = tokio::spawn(resolver(from_puller, ctx.clone(), to_settler, chunk));
+    let mut settler = tokio::spawn(settler(from_resolver));
     pull(&nats, &jetstream, &cfg, &ctx, &to_resolver, semaphore, &bound).await;
     bound.send_replace(None);
     drop(to_resolver);
     if let Err(e) = resolver.await {
         tracing::error!(error = %e, "the route resolver failed");
     }
-    join_all(workers).await;
-    ctx.tracker.close();
+    // The resolver is gone, so the settler ends once the last acks are in.
     let deadline = ctx.ack_timeout() + Duration::from_secs(2);
-    if tokio::time::timeout(deadline, ctx.tracker.wait()).await.is_err() {
+    if tokio::time::timeout(deadline, &mut settler).await.is_err() {
+        settler.abort();
         tracing::warn!("some deliveries did not finish before shutdown; JetStream will redeliver them");
     }
     // Acks are buffered by the client: push them out before it is dropped,
@@ -311,15 +291,18 @@ async fn pull(
     }
 }
 
+/// A delivery awaiting its edges' acks (see [`finish`]).
+type Pending = Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Takes every pulled message waiting (up to `chunk`), resolves their routes
-/// together (one Redis round trip for all uncached subjects), and hands each
-/// to the worker owning its subject, in pull order. While one chunk's
-/// round trip is in flight the next one gathers, so under load chunks grow
-/// and Redis calls per event fall; an idle router sends chunks of one.
+/// together (one Redis round trip for all uncached subjects), and queues
+/// each to its edges, in pull order. While one chunk's round trip is in
+/// flight the next one gathers, so under load chunks grow and Redis calls
+/// per event fall; an idle router resolves chunks of one.
 async fn resolver(
     mut rx: mpsc::UnboundedReceiver<Job>,
     ctx: Arc<Ctx>,
-    workers: Vec<mpsc::UnboundedSender<Job>>,
+    settler: mpsc::UnboundedSender<Pending>,
     chunk: usize,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(chunk);
@@ -339,18 +322,28 @@ async fn resolver(
             }
         }
         for job in jobs.drain(..) {
-            let i = worker_for(job.message.subject.as_str(), workers.len());
-            if workers[i].send(job).is_err() {
-                return;
-            }
+            process(&ctx, job, &settler).await;
         }
     }
 }
 
-async fn worker(mut rx: mpsc::UnboundedReceiver<Job>, ctx: Arc<Ctx>) {
-    while let Some(job) = rx.recv().await {
-        process(&ctx, job).await;
+/// Awaits every delivery's acks in one task (a task per event would cost a
+/// spawn and a wake-up each): an edge's ack for a batch completes many
+/// deliveries with one wake-up. Ends when the resolver is gone and every
+/// delivery settled.
+async fn settler(mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let mut pending: FuturesUnordered<Pending> = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = pending.next(), if !pending.is_empty() => {}
+            next = rx.recv() => match next {
+                Some(delivery) => pending.push(delivery),
+                None => break,
+            },
+        }
     }
+    while pending.next().await.is_some() {}
 }
 
 async fn settle(acker: &Acker, kind: AckKind, seq: u64) {
@@ -360,7 +353,7 @@ async fn settle(acker: &Acker, kind: AckKind, seq: u64) {
     }
 }
 
-async fn process(ctx: &Arc<Ctx>, job: Job) {
+async fn process(ctx: &Arc<Ctx>, job: Job, settler: &mpsc::UnboundedSender<Pending>) {
     let Job { message, slot, resolution } = job;
     let (seq, delivered, published_unix_nanos) = match message.info() {
         Ok(info) => {
@@ -437,10 +430,14 @@ async fn process(ctx: &Arc<Ctx>, job: Job) {
     let outcomes: Vec<(Arc<str>, Outcome)> =
         edges.iter().map(|target| (target.pod.clone(), ctx.edges.deliver(target, event.clone()))).collect();
     let ctx2 = ctx.clone();
-    ctx.tracker.spawn(async move {
+    let delivery: Pending = Box::pin(async move {
         finish(&ctx2, &acker, outcomes, &retry, complete).await;
         drop(slot);
     });
+    if let Err(unsent) = settler.send(delivery) {
+        // Only while stopping: settle it here rather than lose track of it.
+        unsent.0.await;
+    }
 }
 
 /// What a nak needs to report a message's last allowed delivery.
@@ -513,19 +510,6 @@ async fn finish(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, re
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn one_subject_always_maps_to_one_worker() {
-        let n = 16;
-        for s in ["websocket.c.a.chats", "websocket.c.a.messages.x", "websocket.c2.a.agents"] {
-            let w = worker_for(s, n);
-            assert!(w < n);
-            assert!((0..100).all(|_| worker_for(s, n) == w));
-        }
-        let spread: std::collections::HashSet<_> =
-            (0..200).map(|i| worker_for(&format!("websocket.c{i}.a.chats"), n)).collect();
-        assert!(spread.len() > n / 2, "subjects spread over workers");
-    }
 
     #[test]
     fn log_limiter_allows_once_per_period() {
