@@ -41,6 +41,10 @@ run broadcast-2x9500  fanout --sockets 19000 --subjects 1 --rate 1 --duration 30
 run routed-30000      routed --users 10000 --rate 30000 --duration 10
 run routed-10000      routed --users 10000 --rate 10000 --duration 10
 run routed-5000       routed --users 10000 --rate 5000 --duration 10
+# The same routed load on a NATS JetStream cluster of three (stream replicas 3)
+# and a Redis Cluster of 3 masters + 3 replicas, right after the standalone runs.
+run routed-10000-cluster routed --users 10000 --rate 10000 --duration 10 --cluster
+run routed-5000-cluster  routed --users 10000 --rate 5000 --duration 10 --cluster
 run migration-2000    migration --users 2000 --rounds 3 --concurrency 32
 run resume-9500       resume --sockets 9500 --stack-edges 2
 run resume-plain-9500 resume --plain --sockets 9500 --stack-edges 2

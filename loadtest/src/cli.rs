@@ -41,6 +41,9 @@ Target (default: start a stack from the built binaries)
   --set KEY=VALUE,...       more DAISI_WS_* settings for a started stack
   --log-level LEVEL (warn)  log.level of a started stack
   --keep-logs               print the started stack's log folder and keep it
+  --cluster                 a started stack runs on a three-node NATS JetStream cluster (stream
+                            replicas 3) and a Redis Cluster of 3 masters + 3 replicas
+                            (redis.mode cluster); nats/redis CPU is the sum of their nodes
 
 Peer
   --peer nats-ws            also run idle/fanout against nats-server's WebSocket listener
@@ -66,7 +69,7 @@ pub struct Args {
     flags: Vec<String>,
 }
 
-const FLAGS: [&str; 5] = ["keep-logs", "no-progress", "help", "offer-deflate", "plain"];
+const FLAGS: [&str; 6] = ["keep-logs", "no-progress", "help", "offer-deflate", "plain", "cluster"];
 const KEYS: [&str; 34] = [
     "kill-after",
     "sockets",
@@ -282,6 +285,7 @@ async fn run(a: Args) -> anyhow::Result<RunReport> {
     }
 
     let ours = match a.str("edges") {
+        Some(_) if a.flag("cluster") => bail!("--cluster is for a stack started here, not with --edges"),
         Some(edges) => {
             let target = external_target(&a, edges)?;
             run_scenario(&a, &c, &target).await?
@@ -304,8 +308,14 @@ async fn run(a: Args) -> anyhow::Result<RunReport> {
                 pong_wait_seconds: a.num("pong-wait", ping * 3)?,
                 log_level: a.str("log-level").unwrap_or("warn").to_string(),
                 extra_env: extra,
+                cluster: a.flag("cluster"),
             };
-            eprintln!("starting a stack: nats-server, redis-server, daisi-router, {} x daisi-edge", opts.edges);
+            let stores = if opts.cluster {
+                "a NATS JetStream cluster of 3, a Redis Cluster of 3 masters + 3 replicas"
+            } else {
+                "nats-server, redis-server"
+            };
+            eprintln!("starting a stack: {stores}, daisi-router, {} x daisi-edge", opts.edges);
             let mut stack = Stack::start(&opts).await?;
             if a.flag("keep-logs") {
                 eprintln!("stack logs in {}", stack.dir.path().display());
@@ -423,6 +433,18 @@ mod tests {
         assert!(Args::parse(&args("idle --bogus 1")).is_err());
         assert!(Args::parse(&args("idle --sockets")).is_err());
         assert!(Args::parse(&args("idle --sockets x")).unwrap().num("sockets", 0usize).is_err());
+    }
+
+    #[test]
+    fn cluster_is_a_flag_of_a_started_stack() {
+        let a = Args::parse(&args("routed --users 10000 --cluster --rate 5000")).unwrap();
+        assert!(a.flag("cluster"));
+        assert_eq!(a.num("rate", 0.0).unwrap(), 5000.0, "--cluster takes no value");
+        assert!(!Args::parse(&args("routed")).unwrap().flag("cluster"));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let with_edges = Args::parse(&args("routed --cluster --edges 127.0.0.1:1 --nats nats://127.0.0.1:2")).unwrap();
+        let e = rt.block_on(run(with_edges)).unwrap_err().to_string();
+        assert!(e.contains("--cluster is for a stack started here"), "{e}");
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct ProcCpu {
     pub name: String,
     /// Percent of one core (200 = two cores busy).
     pub pct_of_core: f64,
+    /// Each process's share when the group has several (the nodes of a
+    /// cluster, the workers), in the group's order; their sum is `pct_of_core`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub each: Vec<f64>,
 }
 
 /// CPU use during a phase.
@@ -47,7 +51,7 @@ pub struct CpuReport {
 
 /// Samples taken at the start of a phase.
 pub struct CpuSampler {
-    procs: Vec<(String, Vec<u32>, u64)>,
+    procs: Vec<(String, Vec<(u32, u64)>)>,
     machine: Option<(u64, u64)>,
     t0: Instant,
 }
@@ -57,10 +61,7 @@ impl CpuSampler {
     pub fn start(groups: Vec<(String, Vec<u32>)>) -> Self {
         let procs = groups
             .into_iter()
-            .map(|(name, pids)| {
-                let t = pids.iter().filter_map(|&p| proc_ticks(p)).sum();
-                (name, pids, t)
-            })
+            .map(|(name, pids)| (name, pids.into_iter().map(|p| (p, proc_ticks(p).unwrap_or(0))).collect()))
             .collect();
         Self { procs, machine: machine_ticks(), t0: Instant::now() }
     }
@@ -70,10 +71,19 @@ impl CpuSampler {
         let processes = self
             .procs
             .iter()
-            .map(|(name, pids, t0)| {
-                let t: u64 = pids.iter().filter_map(|&p| proc_ticks(p)).sum();
-                let pct = t.saturating_sub(*t0) as f64 / TICKS_PER_SEC / secs * 100.0;
-                ProcCpu { name: name.clone(), pct_of_core: (pct * 10.0).round() / 10.0 }
+            .map(|(name, pids)| {
+                // A process gone since the start counts nothing (not minus its start).
+                let pct = |(p, t0): &(u32, u64)| {
+                    let t = proc_ticks(*p).unwrap_or(*t0);
+                    t.saturating_sub(*t0) as f64 / TICKS_PER_SEC / secs * 100.0
+                };
+                let each: Vec<f64> = pids.iter().map(pct).collect();
+                let round = |v: f64| (v * 10.0).round() / 10.0;
+                ProcCpu {
+                    name: name.clone(),
+                    pct_of_core: round(each.iter().sum()),
+                    each: if each.len() > 1 { each.into_iter().map(round).collect() } else { Vec::new() },
+                }
             })
             .collect();
         let machine_busy_pct = match (self.machine, machine_ticks()) {
@@ -89,7 +99,12 @@ impl CpuSampler {
 impl std::fmt::Display for CpuReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for p in &self.processes {
-            write!(f, "{} {:.0}%, ", p.name, p.pct_of_core)?;
+            write!(f, "{} {:.0}%", p.name, p.pct_of_core)?;
+            if !p.each.is_empty() {
+                let each: Vec<String> = p.each.iter().map(|v| format!("{v:.0}")).collect();
+                write!(f, " ({})", each.join("+"))?;
+            }
+            write!(f, ", ")?;
         }
         write!(f, "machine {:.0}% busy ({:.1} s)", self.machine_busy_pct, self.secs)
     }
@@ -116,6 +131,32 @@ mod tests {
         assert!(x > 0);
         assert_eq!(r.processes.len(), 1);
         assert!(r.processes[0].pct_of_core > 0.0, "{r}");
+        assert!(r.processes[0].each.is_empty(), "one process, no breakdown");
         assert!(r.to_string().contains("me "), "{r}");
+    }
+
+    #[test]
+    fn a_group_sums_its_processes_and_keeps_each_share() {
+        let me = std::process::id();
+        // An idle child: its share is zero, the group's is this process's.
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let s = CpuSampler::start(vec![("group".into(), vec![me, child.id()])]);
+        let start = proc_ticks(me).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut x = 0u64;
+        while proc_ticks(me).unwrap() < start + 3 && Instant::now() < deadline {
+            for _ in 0..100_000 {
+                x = x.wrapping_add(std::hint::black_box(1));
+            }
+        }
+        let r = s.stop();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(x > 0);
+        let g = &r.processes[0];
+        assert_eq!(g.each.len(), 2, "{r}");
+        assert!(g.each[0] > 0.0 && g.each[1] == 0.0, "{r}");
+        assert!((g.pct_of_core - (g.each[0] + g.each[1])).abs() < 0.2, "{r}");
+        assert!(r.to_string().contains("group "), "{r}");
     }
 }

@@ -42,12 +42,28 @@ fn payload(i: u64, warm: bool) -> String {
     format!(r#"{{"ts":{},"i":{i},"w":{warm}}}"#, unix_now_nanos())
 }
 
+/// The servers of a comma-separated list of NATS URLs.
+pub fn server_addrs(urls: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    let servers = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| u.parse().map_err(|e| anyhow::anyhow!("NATS URL `{u}`: {e}")))
+        .collect::<anyhow::Result<Vec<async_nats::ServerAddr>>>()?;
+    if servers.is_empty() {
+        anyhow::bail!("no NATS URL given");
+    }
+    Ok(servers)
+}
+
 impl Publisher {
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+    /// Connects to `urls`: one NATS URL or a comma-separated list (a cluster).
+    pub async fn connect(urls: &str) -> anyhow::Result<Self> {
+        let servers = server_addrs(urls)?;
         let client = async_nats::ConnectOptions::new()
             .name("daisi-loadtest")
             .connection_timeout(Duration::from_secs(5))
-            .connect(url)
+            .connect(servers)
             .await?;
         Ok(Self {
             js: jetstream::new(client),
@@ -125,5 +141,18 @@ impl Publisher {
             secs,
             rate: sent as f64 / secs.max(1e-9),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_of_urls_gives_every_server() {
+        let s = server_addrs("nats://127.0.0.1:4222, nats://127.0.0.1:4223,").unwrap();
+        assert_eq!(s.iter().map(|a| a.port()).collect::<Vec<_>>(), [4222, 4223]);
+        assert_eq!(server_addrs("nats://127.0.0.1:4222").unwrap().len(), 1);
+        assert!(server_addrs(" , ").is_err());
     }
 }

@@ -396,7 +396,7 @@ mod tests {
     #[test]
     fn cpu_per_unit_of_edges_router_and_peer() {
         use crate::cpu::ProcCpu;
-        let proc_ = |name: &str, pct: f64| ProcCpu { name: name.into(), pct_of_core: pct };
+        let proc_ = |name: &str, pct: f64| ProcCpu { name: name.into(), pct_of_core: pct, each: Vec::new() };
         // 2 s at 50 % = 1 s of CPU per edge; 1,000,000 deliveries, 10,000 events.
         let cpu = CpuReport {
             secs: 2.0,

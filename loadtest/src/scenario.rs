@@ -151,7 +151,7 @@ fn cpu_groups(target: &Target, pool: &Pool) -> Vec<(String, Vec<u32>)> {
             (name, vec![p])
         })
         .collect();
-    g.extend(target.aux_pids.iter().map(|(n, p)| (n.clone(), vec![*p])));
+    g.extend(target.aux_pids.iter().cloned());
     g.push(("workers".into(), pool.pids()));
     g.push(("harness".into(), vec![std::process::id()]));
     g

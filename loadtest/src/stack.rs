@@ -2,7 +2,9 @@
 //! the harness starts itself from the built binaries (`nats-server -js`,
 //! `redis-server`, `daisi-router`, N × `daisi-edge`, all on free ports of
 //! 127.0.0.1, configured by `DAISI_WS_*` variables over the repo's
-//! `config/config.yaml`), or the peer: `nats-server` with its WebSocket listener.
+//! `config/config.yaml`; with `cluster`, testkit's three-node NATS JetStream
+//! cluster and six-node Redis Cluster instead of one server each), or the
+//! peer: `nats-server` with its WebSocket listener.
 
 use std::collections::BTreeSet;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use daisi_common::Secret;
 use daisi_common::token::{TokenKeys, UserClaims, new_token_id, unix_now};
+use daisi_testkit::cluster::{NatsCluster, RedisCluster};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -107,8 +110,10 @@ pub struct Target {
     pub minter: Minter,
     /// Processes whose memory is measured (each edge, or the peer's nats-server).
     pub server_pids: Vec<u32>,
-    /// Other processes of the stack whose CPU is sampled (router, nats-server, redis-server).
-    pub aux_pids: Vec<(String, u32)>,
+    /// Other processes of the stack whose CPU is sampled, by group (router,
+    /// nats = every nats-server, redis = every redis-server): a group's CPU is
+    /// the sum of its processes.
+    pub aux_pids: Vec<(String, Vec<u32>)>,
 }
 
 impl Target {
@@ -258,6 +263,10 @@ pub struct StackOptions {
     pub log_level: String,
     /// Further `DAISI_WS_*` settings, e.g. `DAISI_WS_ROUTER_MAX_IN_FLIGHT=4096`.
     pub extra_env: Vec<(String, String)>,
+    /// A three-node NATS JetStream cluster (stream replicas 3) and a Redis
+    /// Cluster of three masters and three replicas (`redis.mode: cluster`)
+    /// instead of one server each.
+    pub cluster: bool,
 }
 
 /// Generated secrets of a started stack.
@@ -284,13 +293,109 @@ impl Secrets {
     }
 }
 
+/// NATS and Redis of a started stack.
+pub enum Stores {
+    /// One `nats-server -js` and one `redis-server`.
+    Single { nats: Proc, redis: Proc, nats_url: String, redis_address: String },
+    /// testkit's clusters: three nats-servers, six redis-servers.
+    Cluster { nats: NatsCluster, redis: RedisCluster },
+}
+
+impl Stores {
+    fn start(dir: &Path) -> anyhow::Result<Self> {
+        let nats_port = free_port()?;
+        let mut cmd = Command::new(find_on_path("nats-server")?);
+        cmd.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-sd"]).arg(dir.join("js"));
+        let mut nats = Proc::spawn("nats-server", cmd, dir)?;
+        nats.wait_port(nats_port, Duration::from_secs(15))?;
+
+        let redis_port = free_port()?;
+        let mut cmd = Command::new(find_on_path("redis-server")?);
+        cmd.args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--maxclients", "10000", "--dir"])
+            .arg(dir);
+        let mut redis = Proc::spawn("redis-server", cmd, dir)?;
+        redis.wait_port(redis_port, Duration::from_secs(15))?;
+        Ok(Self::Single {
+            nats,
+            redis,
+            nats_url: format!("nats://127.0.0.1:{nats_port}"),
+            redis_address: format!("127.0.0.1:{redis_port}"),
+        })
+    }
+
+    async fn start_cluster() -> anyhow::Result<Self> {
+        // testkit's start-up blocks (and panics when the cluster never forms).
+        let started = tokio::task::spawn_blocking(|| (NatsCluster::start(), RedisCluster::start())).await;
+        match started {
+            Ok((nats, redis)) => Ok(Self::Cluster { nats, redis }),
+            Err(e) if e.is_panic() => {
+                let p = e.into_panic();
+                let msg =
+                    p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+                bail!("starting the clusters: {}", msg.unwrap_or_default())
+            }
+            Err(e) => bail!("starting the clusters: {e}"),
+        }
+    }
+
+    /// `DAISI_WS_*` settings that point a process at these stores.
+    fn env(&self) -> Vec<(String, String)> {
+        let (nats, redis, replicas, mode) = match self {
+            Self::Single { nats_url, redis_address, .. } => {
+                (nats_url.clone(), redis_address.clone(), "1", "standalone")
+            }
+            Self::Cluster { nats, redis } => (nats.urls(), redis.addresses(), "3", "cluster"),
+        };
+        [
+            ("DAISI_WS_NATS_URL", nats),
+            ("DAISI_WS_NATS_STREAM_REPLICAS", replicas.into()),
+            ("DAISI_WS_REDIS_ADDRESS", redis),
+            ("DAISI_WS_REDIS_MODE", mode.into()),
+        ]
+        .map(|(k, v)| (k.to_string(), v))
+        .into()
+    }
+
+    /// The NATS URL the publisher uses (a comma-separated list for the cluster).
+    fn nats_urls(&self) -> String {
+        match self {
+            Self::Single { nats_url, .. } => nats_url.clone(),
+            Self::Cluster { nats, .. } => nats.urls(),
+        }
+    }
+
+    /// The `nats` and `redis` CPU groups: every server process of each.
+    fn cpu_groups(&self) -> [(String, Vec<u32>); 2] {
+        let (nats, redis) = match self {
+            Self::Single { nats, redis, .. } => (vec![nats.pid()], vec![redis.pid()]),
+            Self::Cluster { nats, redis } => (nats.pids(), redis.pids()),
+        };
+        [("nats".into(), nats), ("redis".into(), redis)]
+    }
+
+    fn check_alive(&mut self) -> anyhow::Result<()> {
+        let dead = match self {
+            Self::Single { nats, redis, .. } => nats.exited().or_else(|| redis.exited()),
+            Self::Cluster { nats, redis } => nats.exited().or_else(|| redis.exited()).or_else(|| {
+                // A run whose commands crossed slots measured failures, not work.
+                let n = redis.cross_slot_refusals();
+                (n > 0).then(|| format!("the Redis Cluster refused {n} commands with CROSSSLOT"))
+            }),
+        };
+        match dead {
+            Some(e) => bail!(e),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A stack started by the harness; every process dies with it.
 pub struct Stack {
     pub target: Target,
     pub edges: Vec<Proc>,
     pub router: Proc,
-    pub nats: Proc,
-    pub redis: Proc,
+    pub stores: Stores,
     /// Keeps the logs and JetStream storage until the stack is dropped.
     pub dir: TempDir,
 }
@@ -313,24 +418,10 @@ impl Stack {
         let dir = tempfile::Builder::new().prefix("dws-loadtest-").tempdir()?;
         let secrets = Secrets::generate();
 
-        let nats_port = free_port()?;
-        let mut cmd = Command::new(find_on_path("nats-server")?);
-        cmd.args(["-a", "127.0.0.1", "-p", &nats_port.to_string(), "-js", "-sd"]).arg(dir.path().join("js"));
-        let mut nats = Proc::spawn("nats-server", cmd, dir.path())?;
-        nats.wait_port(nats_port, Duration::from_secs(15))?;
-
-        let redis_port = free_port()?;
-        let mut cmd = Command::new(find_on_path("redis-server")?);
-        cmd.args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--maxclients", "10000", "--dir"])
-            .arg(dir.path());
-        let mut redis = Proc::spawn("redis-server", cmd, dir.path())?;
-        redis.wait_port(redis_port, Duration::from_secs(15))?;
-
-        let nats_url = format!("nats://127.0.0.1:{nats_port}");
-        let common = vec![
-            ("DAISI_WS_NATS_URL".to_string(), nats_url.clone()),
-            ("DAISI_WS_REDIS_ADDRESS".into(), format!("127.0.0.1:{redis_port}")),
+        let stores = if opts.cluster { Stores::start_cluster().await? } else { Stores::start(dir.path())? };
+        let nats_url = stores.nats_urls();
+        let mut common = stores.env();
+        common.extend([
             ("DAISI_WS_AUTH_SECRET_TOKEN".into(), secrets.api_key.clone()),
             ("DAISI_WS_AUTH_ADMIN_SECRET_TOKEN".into(), secrets.admin_api_key.clone()),
             ("DAISI_WS_AUTH_TOKEN_AES_KEY".into(), secrets.user_aes.clone()),
@@ -343,7 +434,7 @@ impl Stack {
             ("DAISI_WS_LOG_LEVEL".into(), opts.log_level.clone()),
             ("DAISI_WS_SERVER_BIND_ADDRESS".into(), "127.0.0.1".into()),
             ("DAISI_WS_ROUTER_BIND_ADDRESS".into(), "127.0.0.1".into()),
-        ];
+        ]);
         let known: BTreeSet<String> = daisi_common::config::env_keys().into_iter().map(|(_, env)| env).collect();
         let command = |bin: &Path, own: &[(String, String)]| -> anyhow::Result<Command> {
             let mut cmd = Command::new(bin);
@@ -391,19 +482,19 @@ impl Stack {
             api_key: secrets.api_key.clone(),
             minter: Minter::Local(Box::new(TokenKeys::new(&Secret::new(secrets.user_aes.clone()), &[])?)),
             server_pids: edges.iter().map(Proc::pid).collect(),
-            aux_pids: vec![("router".into(), router.pid()), ("nats".into(), nats.pid()), ("redis".into(), redis.pid())],
+            aux_pids: [("router".to_string(), vec![router.pid()])].into_iter().chain(stores.cpu_groups()).collect(),
         };
-        Ok(Self { target, edges, router, nats, redis, dir })
+        Ok(Self { target, edges, router, stores, dir })
     }
 
     /// Errors of any process that died.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
-        for p in self.edges.iter_mut().chain([&mut self.router, &mut self.nats, &mut self.redis]) {
+        for p in self.edges.iter_mut().chain([&mut self.router]) {
             if let Some(e) = p.exited() {
                 bail!(e);
             }
         }
-        Ok(())
+        self.stores.check_alive()
     }
 }
 
@@ -472,6 +563,62 @@ mod tests {
     fn query_values_are_encoded() {
         assert_eq!(encode("a b+c/d"), "a%20b%2Bc%2Fd");
         assert_eq!(encode("Ab-_.~9"), "Ab-_.~9");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cluster_stores_point_at_every_node_and_sample_every_process() {
+        let mut stores = Stores::start_cluster().await.expect("clusters start");
+        let env: std::collections::BTreeMap<String, String> = stores.env().into_iter().collect();
+        assert_eq!(env["DAISI_WS_REDIS_MODE"], "cluster");
+        assert_eq!(env["DAISI_WS_NATS_STREAM_REPLICAS"], "3");
+        assert_eq!(env["DAISI_WS_REDIS_ADDRESS"].split(',').count(), 6);
+        assert_eq!(env["DAISI_WS_NATS_URL"].split(',').count(), 3);
+        assert_eq!(stores.nats_urls(), env["DAISI_WS_NATS_URL"]);
+        let [(nats, nats_pids), (redis, redis_pids)] = stores.cpu_groups();
+        assert_eq!((nats.as_str(), nats_pids.len()), ("nats", 3));
+        assert_eq!((redis.as_str(), redis_pids.len()), ("redis", 6));
+        for pid in nats_pids.iter().chain(&redis_pids) {
+            assert!(rss_kb(*pid).is_some(), "process {pid} is running");
+        }
+        // The publisher reaches JetStream through the list: a stream with
+        // three replicas takes a write.
+        let client = async_nats::connect(crate::publish::server_addrs(&stores.nats_urls()).unwrap()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "lt_check".into(),
+            subjects: vec!["lt.check".into()],
+            num_replicas: 3,
+            ..Default::default()
+        })
+        .await
+        .expect("a stream with three replicas");
+        let ack = js.publish("lt.check", "x".into()).await.expect("publish").await.expect("ack");
+        assert_eq!(ack.sequence, 1);
+        stores.check_alive().expect("every node is up");
+        // A command refused for crossing slots fails the run.
+        let refused = daisi_testkit::cluster::redis_raw(first_redis_port(&stores), "MSET a 1 b 2");
+        assert!(refused.starts_with("-CROSSSLOT"), "{refused}");
+        let err = stores.check_alive().unwrap_err().to_string();
+        assert!(err.contains("refused 1 commands with CROSSSLOT"), "{err}");
+        // A node that dies under the run fails it.
+        let killed = Command::new("kill").arg("-9").arg(redis_pids[5].to_string()).status().unwrap();
+        assert!(killed.success());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let err = loop {
+            match stores.check_alive() {
+                Err(e) if e.to_string().contains("exited") => break e.to_string(),
+                _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+                _ => panic!("a killed redis-server went unnoticed"),
+            }
+        };
+        assert!(err.contains("redis-server on port"), "{err}");
+    }
+
+    fn first_redis_port(stores: &Stores) -> u16 {
+        match stores {
+            Stores::Cluster { redis, .. } => redis.ports()[0],
+            Stores::Single { .. } => unreachable!("a cluster was started"),
+        }
     }
 
     #[test]

@@ -79,6 +79,26 @@ impl Node {
     fn running(&self) -> bool {
         self.child.is_some()
     }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Why a node that was running is gone (it exited by itself), if it is.
+    fn exited(&mut self) -> Option<String> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        Some(format!("{} on port {} exited with {status}", self.name, self.port))
+    }
+}
+
+/// Process ids of the running nodes.
+fn pids(nodes: &[Node]) -> Vec<u32> {
+    nodes.iter().filter_map(Node::pid).collect()
+}
+
+/// The first node that exited by itself (not killed by the harness), if any.
+fn first_exited(nodes: &mut [Node]) -> Option<String> {
+    nodes.iter_mut().find_map(Node::exited)
 }
 
 impl Drop for Node {
@@ -283,6 +303,16 @@ impl RedisCluster {
         self.nodes.iter().map(|n| n.port).collect()
     }
 
+    /// Process ids of the running nodes (for sampling their CPU).
+    pub fn pids(&self) -> Vec<u32> {
+        pids(&self.nodes)
+    }
+
+    /// Which node exited by itself, if one did (a node the harness killed is not counted).
+    pub fn exited(&mut self) -> Option<String> {
+        first_exited(&mut self.nodes)
+    }
+
     /// Ports of the nodes that currently are masters (as the running nodes see it).
     pub fn master_ports(&self) -> Vec<u16> {
         self.role_ports("master")
@@ -473,6 +503,16 @@ impl NatsCluster {
     /// Client ports of the three nodes.
     pub fn ports(&self) -> Vec<u16> {
         self.nodes.iter().map(|n| n.port).collect()
+    }
+
+    /// Process ids of the running nodes (for sampling their CPU).
+    pub fn pids(&self) -> Vec<u32> {
+        pids(&self.nodes)
+    }
+
+    /// Which node exited by itself, if one did (a node the harness killed is not counted).
+    pub fn exited(&mut self) -> Option<String> {
+        first_exited(&mut self.nodes)
     }
 
     /// Client port of node `i` (0..3).
