@@ -70,7 +70,7 @@ pub struct Args {
 }
 
 const FLAGS: [&str; 6] = ["keep-logs", "no-progress", "help", "offer-deflate", "plain", "cluster"];
-const KEYS: [&str; 34] = [
+const KEYS: [&str; 33] = [
     "kill-after",
     "sockets",
     "hold",
@@ -104,7 +104,6 @@ const KEYS: [&str; 34] = [
     "worker-exe",
     "pong-wait",
     "title",
-    "label",
 ];
 
 impl Args {
