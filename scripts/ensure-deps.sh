@@ -3,7 +3,7 @@
 # fresh Debian 12 machine with Rust may lack; does nothing when all is there.
 #
 #   scripts/ensure-deps.sh            servers the stack and the tests start:
-#                                     nats-server, redis-server; and a C
+#                                     nats-server, redis-server, redis-cli; and a C
 #                                     toolchain (gcc, libc6-dev: the linker
 #                                     Rust uses, and `ring`'s C code)
 #   scripts/ensure-deps.sh --ci       + python3 and python3-yaml (.ci/check-yaml.sh), git
@@ -17,6 +17,8 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/
 need=()
 have nats-server || need+=(nats-server)
 have redis-server || need+=(redis-server)
+# redis-cli joins the tests' Redis Clusters (`--cluster create`).
+have redis-cli || need+=(redis-tools)
 have cc || need+=(gcc libc6-dev)
 for arg in "$@"; do
   case "$arg" in

@@ -333,6 +333,51 @@ impl SocketShared {
         self.notify.notify_one();
     }
 
+    /// Queues the latest stored message of a selected chat now, while its
+    /// live events stay held (for [`SocketShared::gate_open_replayed`]).
+    /// `false` if another select replaced this one meanwhile.
+    pub fn gate_first(&self, subject: &Arc<str>, latest: Option<Outgoing>) -> bool {
+        let mut q = self.lock();
+        if !matches!(&q.gate, Gate::Pending { subject: s, .. } if s == subject) {
+            return false;
+        }
+        if let Some(out) = latest {
+            self.push_locked(&mut q, out);
+            drop(q);
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// After [`SocketShared::gate_first`]: queues `replayed` (the chat's
+    /// stored events after the latest, up to `until`, in seq order), then
+    /// the held live events after `until`, and opens the gate for seq >
+    /// `until` (earlier ones were sent, replayed, or older than the latest).
+    pub fn gate_open_replayed(&self, subject: &Arc<str>, replayed: Vec<Outgoing>, until: u64) {
+        let mut q = self.lock();
+        let held = match std::mem::replace(&mut q.gate, Gate::None) {
+            Gate::Pending { subject: s, held } if s == *subject => held,
+            other => {
+                q.gate = other;
+                return;
+            }
+        };
+        for out in replayed {
+            self.push_locked(&mut q, out);
+        }
+        let mut held = held;
+        held.sort_by_key(|(s, _)| *s);
+        held.dedup_by_key(|(s, _)| *s);
+        for (seq, out) in held {
+            if seq > until {
+                self.push_locked(&mut q, out);
+            }
+        }
+        q.gate = Gate::Open { subject: subject.clone(), min_seq: until };
+        drop(q);
+        self.notify.notify_one();
+    }
+
     /// After a resumed chat's replay was sent: queues the held live events
     /// outside `after < seq <= until`, in seq order, and opens the gate.
     pub fn gate_open_resumed(&self, subject: &Arc<str>, after: u64, until: u64) {
@@ -659,6 +704,41 @@ mod tests {
         hub.publish(&subject, 10, 0, b"{}").unwrap();
         hub.publish(&subject, 13, 0, b"{}").unwrap();
         assert_eq!(seqs(&s), vec![10, 11, 12, 13]);
+    }
+
+    #[test]
+    fn select_sends_latest_at_once_then_replayed_then_newer_live_events() {
+        let hub = hub();
+        let s = hub.new_socket(policy(100, DropPolicy::DropOldest));
+        let subject: Arc<str> = "websocket.c.a.messages.x".into();
+        s.gate_hold(subject.clone());
+        hub.subscribe(&subject, &s);
+        let frame = |seq| {
+            let json = protocol::event_frame(&subject, seq, b"{}").unwrap();
+            Frames::new(&json, &hub.metrics).outgoing(&s, 0)
+        };
+        // The latest (10) goes out before routers all see the route.
+        assert!(s.gate_first(&subject, Some(frame(10))));
+        assert_eq!(seqs(&s), vec![10]);
+        // Live while the route settles: 12 (also in the replay below), 9
+        // (older than the latest), 14 (after the cut).
+        for seq in [12, 9, 14] {
+            hub.publish(&subject, seq, 0, b"{}").unwrap();
+        }
+        assert!(!s.has_pending(), "live events held until the replay");
+        // Stored after the latest up to the cut 13: 11 (acked "no route" by
+        // a router's stale cache, never live) and 12.
+        s.gate_open_replayed(&subject, vec![frame(11), frame(12)], 13);
+        assert_eq!(seqs(&s), vec![11, 12, 14]);
+        for seq in [13, 12, 15] {
+            hub.publish(&subject, seq, 0, b"{}").unwrap();
+        }
+        assert_eq!(seqs(&s), vec![15], "at or below the cut stays closed");
+        // A select replaced meanwhile: nothing is queued for the old one.
+        let other: Arc<str> = "websocket.c.a.messages.y".into();
+        s.gate_hold(other.clone());
+        assert!(!s.gate_first(&subject, Some(frame(20))));
+        assert!(!s.has_pending());
     }
 
     #[test]

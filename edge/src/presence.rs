@@ -65,6 +65,11 @@ struct RouteState {
     /// Redis has had this membership once: a later refresh that finds it
     /// missing is a re-assertion (Redis lost it), not a first write.
     written: bool,
+    /// When this edge last wrote the membership as new (and announced it):
+    /// until [`names::ROUTE_CACHE_TTL`] after, a router may still resolve the
+    /// route from a resolution cached before (the announcement travels apart
+    /// from the write; in a Redis Cluster through the cluster bus).
+    announced: Option<Instant>,
 }
 
 /// The delivery canary's state, published in the edge registration.
@@ -481,6 +486,7 @@ impl Presence {
                 class,
                 since: Instant::now(),
                 written: false,
+                announced: None,
             });
             entry.refs += 1;
             entry.since = Instant::now();
@@ -501,6 +507,14 @@ impl Presence {
             Ok(result) => result,
             Err(_) => Err(RouteError("edge is shutting down".into())),
         }
+    }
+
+    /// When this edge last wrote its membership of route `key` as new
+    /// ([`RouteState::announced`]; `None` while it has not). Until
+    /// [`names::ROUTE_CACHE_TTL`] after it a router may still resolve the
+    /// route without this edge; an event stored later reaches it.
+    pub fn route_announced_at(&self, key: &str) -> Option<Instant> {
+        self.routes.get(key)?.announced
     }
 
     /// Drops one local reference to a route key; the last one removes this
@@ -680,12 +694,16 @@ impl Presence {
         for chunk in routes.chunks(500) {
             let pairs: Vec<(String, u64)> = chunk.iter().map(|(k, t, _)| (k.clone(), *t)).collect();
             let added = self.write_routes(&mut conn, &pairs).await?;
+            let now = Instant::now();
             for ((key, _, written), added) in chunk.iter().zip(added) {
                 if added && *written {
                     reasserted += 1;
                 }
                 if let Some(mut e) = self.routes.get_mut(key) {
                     e.written = true;
+                    if added {
+                        e.announced = Some(now);
+                    }
                 }
             }
         }
@@ -917,10 +935,14 @@ async fn route_writer(
         }
         for chunk in adds.chunks(500) {
             match p.write_routes(&mut conn, chunk).await {
-                Ok(_) => {
-                    for (key, _) in chunk {
+                Ok(added) => {
+                    let now = Instant::now();
+                    for ((key, _), added) in chunk.iter().zip(added) {
                         if let Some(mut e) = p.routes.get_mut(key) {
                             e.written = true;
+                            if added {
+                                e.announced = Some(now);
+                            }
                         }
                     }
                 }
@@ -947,13 +969,20 @@ async fn route_writer(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use daisi_testkit::{RedisServer, test_config_for, unique};
+    use daisi_testkit::{TestRedis, test_config_for, unique};
 
-    async fn member(redis: &RedisServer, key: &str, pod: &str) -> bool {
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        let score: Option<f64> = redis::cmd("ZSCORE").arg(key).arg(pod).query_async(&mut conn).await.unwrap();
+    /// Whether `pod` is a member of the logical route `key`.
+    async fn member(redis: &TestRedis, key: &str, pod: &str) -> bool {
+        let mut conn = redis.conn().await;
+        let stored = redis.keys().route(key);
+        let score: Option<f64> = redis::cmd("ZSCORE").arg(stored).arg(pod).query_async(&mut conn).await.unwrap();
         score.is_some()
+    }
+
+    fn config_for(redis: &TestRedis) -> daisi_common::Config {
+        let mut cfg = test_config_for("nats://127.0.0.1:1".into(), redis.address());
+        redis.configure(&mut cfg);
+        cfg
     }
 
     /// A second socket on a route whose first write is still on its way is
@@ -962,8 +991,8 @@ mod tests {
     /// be taken too early).
     #[tokio::test]
     async fn a_later_socket_on_a_route_being_written_waits_for_redis() {
-        let redis = RedisServer::start();
-        let cfg = test_config_for("nats://127.0.0.1:1".into(), redis.address());
+        let redis = TestRedis::start();
+        let cfg = config_for(&redis);
         let pod = cfg.server.pod_id.clone();
         let redis_deps = daisi_common::deps::redis(&cfg.redis).unwrap();
         let (_tx, config) = watch::channel(Arc::new(cfg));
@@ -999,8 +1028,8 @@ mod tests {
     /// never a 4402 for a session no live socket holds.
     #[tokio::test]
     async fn a_dead_edges_lock_is_taken_over_past_the_takeover_wait() {
-        let redis = RedisServer::start();
-        let mut cfg = test_config_for("nats://127.0.0.1:1".into(), redis.address());
+        let redis = TestRedis::start();
+        let mut cfg = config_for(&redis);
         cfg.app.session_takeover_wait_ms = 0;
         let pod = cfg.server.pod_id.clone();
         let redis_deps = daisi_common::deps::redis(&cfg.redis).unwrap();
@@ -1015,8 +1044,7 @@ mod tests {
         let presence = Presence::new(pod, "127.0.0.1:1".into(), &redis_deps, config, shutdown.clone());
         let key = format!("session:{}", unique("dead"));
         // Held by a socket of an edge that is registered nowhere: gone.
-        let client = redis::Client::open(redis.url()).unwrap();
-        let mut raw = client.get_multiplexed_async_connection().await.unwrap();
+        let mut raw = redis.conn().await;
         let _: () = redis::cmd("SET")
             .arg(&key)
             .arg("ghost-edge|b00t-1")

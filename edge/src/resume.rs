@@ -112,6 +112,12 @@ pub fn check_scope(positions: &Positions, filter: &str) -> Result<(), String> {
 }
 
 impl Replayer {
+    /// The stream's last sequence, read by a request sent at or after
+    /// `not_before` (shared with concurrent callers, like a replay's cut).
+    pub async fn last_seq(&self, js: &jetstream::Context, stream: &str, not_before: Instant) -> Result<u64, String> {
+        Ok(self.snapshot(js, stream, not_before).await?.last_seq)
+    }
+
     /// The stream's state read by a request sent at or after `not_before`.
     /// Concurrent callers share one request (single flight).
     async fn snapshot(&self, js: &jetstream::Context, stream: &str, not_before: Instant) -> Result<Snapshot, String> {

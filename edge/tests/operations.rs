@@ -24,7 +24,7 @@ async fn sigterm_closes_sockets_with_1001_and_removes_registration_and_locks() {
     let mut b = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u2", 60))).await;
     b.expect_ready().await;
     let mut redis = s.redis_conn().await;
-    let reg = format!("edge:{}", cfg.server.pod_id);
+    let reg = s.keys().edge(&cfg.server.pod_id);
     eventually(T, "edge registered", || {
         let mut r = redis.clone();
         let reg = reg.clone();
@@ -43,8 +43,13 @@ async fn sigterm_closes_sockets_with_1001_and_removes_registration_and_locks() {
         let exists: bool = redis::cmd("EXISTS").arg(key).query_async(&mut redis).await.unwrap();
         assert!(!exists, "{key} must be gone after a graceful shutdown");
     }
-    let members: Vec<String> =
-        redis::cmd("ZRANGE").arg("route:c1:a1:chats").arg(0).arg(-1).query_async(&mut redis).await.unwrap();
+    let members: Vec<String> = redis::cmd("ZRANGE")
+        .arg(s.keys().route("route:c1:a1:chats"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
     assert!(members.is_empty(), "routes removed: {members:?}");
 }
 

@@ -7,24 +7,24 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
+use daisi_common::deps::RedisConn;
 use daisi_testkit::eventually;
 use daisi_testkit::ws::{WsClient, admin_token, user_token};
-use redis::aio::MultiplexedConnection;
 use support::{EdgeProcess, RunningEdge, Servers, connect_when_up};
 
 const T: Duration = Duration::from_secs(10);
 
-async fn get(redis: &MultiplexedConnection, key: &str) -> Option<String> {
+async fn get(redis: &RedisConn, key: &str) -> Option<String> {
     let mut r = redis.clone();
     redis::cmd("GET").arg(key).query_async(&mut r).await.unwrap_or(None)
 }
 
-async fn exists(redis: &MultiplexedConnection, key: &str) -> bool {
+async fn exists(redis: &RedisConn, key: &str) -> bool {
     let mut r = redis.clone();
     redis::cmd("EXISTS").arg(key).query_async(&mut r).await.unwrap_or(false)
 }
 
-async fn route_members(redis: &MultiplexedConnection, key: &str) -> Vec<String> {
+async fn route_members(redis: &RedisConn, key: &str) -> Vec<String> {
     let mut r = redis.clone();
     // Live members only: score (expiry, ms) in the future by Redis time.
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut r).await.unwrap();
@@ -107,18 +107,19 @@ async fn clean_close_releases_lock_and_route() {
     let mut c = WsClient::connect(&edge.user_url("c1", "a1", &user_token("c1", "a1", "u1", 60))).await;
     c.expect_ready().await;
     c.select_chat("x").await;
+    let (chats_key, chat_key) = (s.keys().route("route:c1:a1:chats"), s.keys().route("route:c1:a1:messages:x"));
     eventually(T, "lock and routes registered", || async {
         let lock = get(&redis, "session:c1:a1:u1").await?;
-        let chats = route_members(&redis, "route:c1:a1:chats").await;
-        let chat = route_members(&redis, "route:c1:a1:messages:x").await;
+        let chats = route_members(&redis, &chats_key).await;
+        let chat = route_members(&redis, &chat_key).await;
         (lock.starts_with(&edge.edge.pod_id) && chats == [edge.edge.pod_id.clone()] && chat == chats).then_some(())
     })
     .await;
     c.close().await;
     eventually(T, "lock and routes removed", || async {
         let lock = get(&redis, "session:c1:a1:u1").await;
-        let chats = route_members(&redis, "route:c1:a1:chats").await;
-        let chat = route_members(&redis, "route:c1:a1:messages:x").await;
+        let chats = route_members(&redis, &chats_key).await;
+        let chat = route_members(&redis, &chat_key).await;
         (lock.is_none() && chats.is_empty() && chat.is_empty()).then_some(())
     })
     .await;
@@ -150,8 +151,11 @@ async fn redis_restart_with_no_data_keeps_sockets_and_reasserts_locks_and_routes
     c.select_chat("x").await;
     let redis_before = s.redis_conn().await;
     let redis = redis_before.clone();
+    let k = s.keys();
+    let (chats_key, x_key, y_key) =
+        (k.route("route:c1:a1:chats"), k.route("route:c1:a1:messages:x"), k.route("route:c1:a1:messages:y"));
     eventually(T, "chat route registered", || async {
-        (!route_members(&redis, "route:c1:a1:messages:x").await.is_empty()).then_some(())
+        (!route_members(&redis, &x_key).await.is_empty()).then_some(())
     })
     .await;
     s.redis.kill();
@@ -165,11 +169,11 @@ async fn redis_restart_with_no_data_keeps_sockets_and_reasserts_locks_and_routes
     drop(redis_before);
     eventually(Duration::from_secs(15), "locks, routes and registration re-asserted", || async {
         let lock = get(&redis, "session:c1:a1:u1").await?;
-        let reg = exists(&redis, &format!("edge:{}", edge.edge.pod_id)).await;
-        let chats = route_members(&redis, "route:c1:a1:chats").await;
-        let chat = route_members(&redis, "route:c1:a1:messages:y").await;
-        let old_chat = route_members(&redis, "route:c1:a1:messages:x").await;
-        let marker = get(&redis, "dws:registry:generation").await?;
+        let reg = exists(&redis, &k.edge(&edge.edge.pod_id)).await;
+        let chats = route_members(&redis, &chats_key).await;
+        let chat = route_members(&redis, &y_key).await;
+        let old_chat = route_members(&redis, &x_key).await;
+        let marker = get(&redis, k.generation()).await?;
         (lock.starts_with(&edge.edge.pod_id)
             && reg
             && !chats.is_empty()
@@ -214,7 +218,7 @@ async fn lock_of_a_killed_edge_is_taken_over_once_its_registration_expires() {
     let live = RunningEdge::start(cfg2).await;
     // Until the dead edge's registration expires, a takeover waits (and may
     // time out with 4402); after it, the new socket gets the session at once.
-    let dead_reg = format!("edge:{}", cfg.server.pod_id);
+    let dead_reg = s.keys().edge(&cfg.server.pod_id);
     eventually(T, "dead edge registration expired", || async { (!exists(&redis, &dead_reg).await).then_some(()) })
         .await;
     let mut c = WsClient::connect(&live.user_url("c1", "a1", &token)).await;
@@ -237,22 +241,23 @@ async fn dead_edge_route_membership_expires_while_the_live_one_stays() {
     let mut b = WsClient::connect(&live.user_url("c1", "a1", &user_token("c1", "a1", "u2", 60))).await;
     b.expect_ready().await;
     let redis = s.redis_conn().await;
+    let chats_key = s.keys().route("route:c1:a1:chats");
     let mut both = vec![cfg.server.pod_id.clone(), live.edge.pod_id.clone()];
     both.sort();
     eventually(T, "both edges in the route", || async {
-        let mut m = route_members(&redis, "route:c1:a1:chats").await;
+        let mut m = route_members(&redis, &chats_key).await;
         m.sort();
         (m == both).then_some(())
     })
     .await;
     dead.kill9();
     eventually(T, "dead edge's membership expired", || async {
-        (route_members(&redis, "route:c1:a1:chats").await == [live.edge.pod_id.clone()]).then_some(())
+        (route_members(&redis, &chats_key).await == [live.edge.pod_id.clone()]).then_some(())
     })
     .await;
     // And the live one stays past several of its own refreshes.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    assert_eq!(route_members(&redis, "route:c1:a1:chats").await, vec![live.edge.pod_id.clone()]);
+    assert_eq!(route_members(&redis, &chats_key).await, vec![live.edge.pod_id.clone()]);
 }
 
 #[tokio::test]
@@ -344,7 +349,7 @@ async fn users_of_a_killed_edge_get_their_sessions_back_at_once_elsewhere() {
     let live = RunningEdge::start(cfg2).await;
     dead.kill9();
     let redis = s.redis_conn().await;
-    assert!(exists(&redis, &format!("edge:{}", cfg.server.pod_id)).await, "the dead edge is still registered");
+    assert!(exists(&redis, &s.keys().edge(&cfg.server.pod_id)).await, "the dead edge is still registered");
     // Each user reconnects at once to the live edge: ready, never 4402, well
     // before the dead edge's registration or the takeover wait run out.
     let reconnect = async {

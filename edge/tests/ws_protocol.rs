@@ -393,13 +393,13 @@ async fn server_side_failures_close_with_1011() {
     let edge = RunningEdge::start(s.config()).await;
     // Routes that cannot be registered: the route key holds another type.
     let mut redis = s.redis_conn().await;
-    let _: () =
-        redis::cmd("SET").arg("route:c9:a9:chats").arg("not a sorted set").query_async(&mut redis).await.unwrap();
+    let route = s.keys().route("route:c9:a9:chats");
+    let _: () = redis::cmd("SET").arg(&route).arg("not a sorted set").query_async(&mut redis).await.unwrap();
     let mut c = WsClient::connect(&edge.user_url("c9", "a9", &user_token("c9", "a9", "u1", 60))).await;
     c.expect_error_then_close("SubscriptionFailure", 1011).await;
     // Its session was released: another user of the same path is unaffected
     // once the key is sane again, and this user can come back.
-    let _: () = redis::cmd("DEL").arg("route:c9:a9:chats").query_async(&mut redis).await.unwrap();
+    let _: () = redis::cmd("DEL").arg(&route).query_async(&mut redis).await.unwrap();
     let mut again = WsClient::connect(&edge.user_url("c9", "a9", &user_token("c9", "a9", "u1", 60))).await;
     again.expect_ready().await;
 

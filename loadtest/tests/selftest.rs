@@ -11,7 +11,7 @@ use daisi_loadtest::report::ScenarioReport;
 use daisi_loadtest::scenario::{self, Common, FanoutOptions, IdleOptions, MigrationOptions, RoutedOptions};
 use daisi_loadtest::stack::{Minter, PeerStack, Target, http};
 use daisi_loadtest::wire::Protocol;
-use daisi_testkit::{API_KEY, NatsServer, RedisServer, USER_AES_KEY, eventually, test_config};
+use daisi_testkit::{API_KEY, NatsServer, TestRedis, USER_AES_KEY, eventually, test_config};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -20,7 +20,7 @@ struct InProcess {
     stop: CancellationToken,
     _config: watch::Sender<Arc<daisi_common::Config>>,
     _nats: NatsServer,
-    _redis: RedisServer,
+    _redis: TestRedis,
 }
 
 impl Drop for InProcess {
@@ -31,7 +31,7 @@ impl Drop for InProcess {
 
 async fn stack() -> InProcess {
     let nats = NatsServer::start();
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let config = test_config(&nats, &redis);
     let (tx, rx) = watch::channel(Arc::new(config));
     let stop = CancellationToken::new();

@@ -22,7 +22,8 @@ async fn dropped_from_route(env: &Env, js: &jetstream::Context, client: &mut WsC
         let seq = publish_json(js, &subject, &json!({"probe": true})).await;
         assert_eq!(client.event(WAIT).await["seq"], seq);
         let mut conn = env.redis().await;
-        let score: Option<f64> = redis::cmd("ZSCORE").arg(route).arg(pod).query_async(&mut conn).await.unwrap();
+        let score: Option<f64> =
+            redis::cmd("ZSCORE").arg(env.keys().route(route)).arg(pod).query_async(&mut conn).await.unwrap();
         if score.is_none() {
             return;
         }
@@ -242,10 +243,11 @@ async fn an_edge_that_accepts_but_never_answers_does_not_stall_others() {
 
     // The ghost's registration goes away: with no working stream either,
     // the router confirms its death, drops it and acks.
-    let _: i64 = redis::cmd("DEL").arg(names::edge_key("ghost")).query_async(&mut conn).await.unwrap();
+    let _: i64 = redis::cmd("DEL").arg(env.keys().edge("ghost")).query_async(&mut conn).await.unwrap();
     env.wait_settled().await;
     dropped_from_route(&env, &js, &mut u, &route, "ghost").await;
-    let score: Option<f64> = redis::cmd("ZSCORE").arg(&route).arg("ghost").query_async(&mut conn).await.unwrap();
+    let score: Option<f64> =
+        redis::cmd("ZSCORE").arg(env.keys().route(&route)).arg("ghost").query_async(&mut conn).await.unwrap();
     assert_eq!(score, None, "the unregistered pod was dropped from the route");
     u.expect_silence(QUIET).await;
 }

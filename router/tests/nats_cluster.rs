@@ -1,5 +1,6 @@
 //! Two edges and two routers on a three-node NATS cluster (stream with three
-//! replicas, `nats.url` listing every server) and one Redis: losing one NATS
+//! replicas, `nats.url` listing every server) and one Redis (or a Redis
+//! Cluster with `DWS_TEST_REDIS=cluster`): losing one NATS
 //! server — the stream's leader — while events flow loses nothing, doubles
 //! nothing and closes no socket.
 
@@ -10,7 +11,7 @@ use std::collections::BTreeSet;
 use async_nats::jetstream;
 use daisi_common::names;
 use daisi_testkit::cluster::NatsCluster;
-use daisi_testkit::{RedisServer, eventually, test_config_for};
+use daisi_testkit::{TestRedis, eventually, test_config_for};
 use serde_json::json;
 use support::*;
 
@@ -25,8 +26,9 @@ async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_stream_leader_while_events_flow_loses_nothing() {
     let mut nats = NatsCluster::start();
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let mut config = test_config_for(nats.urls(), redis.address());
+    redis.configure(&mut config);
     config.nats.stream_replicas = 3;
     // A pull answered by the dying server may be lost on the wire after the
     // consumer recorded it as delivered: JetStream gives it again only after
@@ -76,8 +78,9 @@ async fn losing_the_stream_leader_while_events_flow_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_nats_server_is_left_behind_and_nothing_is_lost() {
     let mut nats = NatsCluster::start();
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let mut config = test_config_for(nats.urls(), redis.address());
+    redis.configure(&mut config);
     config.nats.stream_replicas = 3;
     // A pull answered by the dying server may be lost on the wire after the
     // consumer recorded it as delivered: JetStream gives it again only after

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use daisi_common::{Config, Secret, names};
 use daisi_testkit::cluster::CustomServer;
 use daisi_testkit::tls::{TestCerts, s};
-use daisi_testkit::{RedisServer, test_config_for, unique};
+use daisi_testkit::{TestRedis, skip_in_cluster_mode, test_config_for, unique};
 use serde_json::json;
 use support::*;
 
@@ -107,6 +107,12 @@ async fn delivers_and_hides(config: Config, secrets: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_in_the_nats_url_and_a_redis_acl_user() {
+    if skip_in_cluster_mode(
+        "user_and_password_in_the_nats_url_and_a_redis_acl_user",
+        "its Redis is one ACL-protected redis-server of its own; the cluster form is a_redis_cluster_with_an_acl_user_delivers_takes_over_and_hides_the_password",
+    ) {
+        return;
+    }
     let logs = capture_logs();
     let nats = nats_with_auth(&format!("authorization {{ user: dws, password: \"{NATS_PASSWORD}\" }}"));
     let redis = redis_with_acl();
@@ -131,6 +137,12 @@ async fn user_and_password_in_the_nats_url_and_a_redis_acl_user() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_keep_the_edge_unready_and_say_so_without_the_password() {
+    if skip_in_cluster_mode(
+        "wrong_credentials_keep_the_edge_unready_and_say_so_without_the_password",
+        "its Redis is one ACL-protected redis-server of its own",
+    ) {
+        return;
+    }
     let logs = capture_logs();
     let nats = nats_with_auth(&format!("authorization {{ user: dws, password: \"{NATS_PASSWORD}\" }}"));
     let redis = redis_with_acl();
@@ -159,8 +171,11 @@ async fn wrong_credentials_keep_the_edge_unready_and_say_so_without_the_password
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_token_and_nkey_authenticate() {
     let nats = nats_with_auth(&format!("authorization {{ token: \"{NATS_TOKEN}\" }}"));
-    let redis = RedisServer::start();
+    // The Redis of this run's mode (DWS_TEST_REDIS): NATS authentication is
+    // what is tested here.
+    let redis = TestRedis::start();
     let mut config = base_config(format!("nats://127.0.0.1:{}", nats.port()), redis.address());
+    redis.configure(&mut config);
     config.nats.token = Secret::new(NATS_TOKEN);
     delivers_and_hides(config, &[NATS_TOKEN]).await;
 
@@ -168,12 +183,16 @@ async fn nats_token_and_nkey_authenticate() {
     let seed = key.seed().expect("seed");
     let nats = nats_with_auth(&format!("authorization {{ users: [ {{ nkey: {} }} ] }}", key.public_key()));
     let mut config = base_config(format!("nats://127.0.0.1:{}", nats.port()), redis.address());
+    redis.configure(&mut config);
     config.nats.nkey_seed = Secret::new(seed.clone());
     delivers_and_hides(config, &[&seed]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_nats_and_redis_with_a_ca_file() {
+    if skip_in_cluster_mode("tls_to_nats_and_redis_with_a_ca_file", "its Redis is one TLS redis-server of its own") {
+        return;
+    }
     let certs = TestCerts::new("deps");
     let (cert, key, ca) = (s(certs.server_cert()), s(certs.server_key()), s(certs.ca()));
     let nats = {
@@ -293,8 +312,9 @@ async fn a_creds_file_authenticates_against_an_operator_mode_server() {
             store.display().to_string()
         )
     });
-    let redis = RedisServer::start();
+    let redis = TestRedis::start();
     let mut config = base_config(format!("nats://127.0.0.1:{}", nats.port()), redis.address());
+    redis.configure(&mut config);
     config.nats.credentials_file = creds.display().to_string();
     delivers_and_hides(config, &[&seed]).await;
 }
@@ -365,6 +385,12 @@ async fn takeover_across_two_edges(config: &Config) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn takeover_across_edges_through_an_acl_redis_uses_authenticated_pub_sub() {
+    if skip_in_cluster_mode(
+        "takeover_across_edges_through_an_acl_redis_uses_authenticated_pub_sub",
+        "its Redis is one ACL-protected redis-server of its own; the cluster form is a_redis_cluster_with_an_acl_user_delivers_takes_over_and_hides_the_password",
+    ) {
+        return;
+    }
     // The kill switch travels over Redis pub/sub: its connections must AUTH too.
     let nats = daisi_testkit::NatsServer::start();
     let redis = redis_with_acl();

@@ -336,16 +336,23 @@ mod tests {
 }
 
 pub mod cluster;
+mod stack_redis;
 pub mod tls;
 pub mod ws;
 
-/// A configuration for tests: both servers, free ports on 127.0.0.1, test
-/// secrets, short refresh intervals, unique stream and consumer names.
-pub fn test_config(nats: &NatsServer, redis: &RedisServer) -> daisi_common::Config {
-    test_config_for(nats.url(), redis.address())
+pub use stack_redis::{REDIS_MODE_ENV, TestRedis, redis_mode, skip_in_cluster_mode};
+
+/// A configuration for tests: both servers (Redis in its mode, see
+/// [`TestRedis`]), free ports on 127.0.0.1, test secrets, short refresh
+/// intervals, unique stream and consumer names.
+pub fn test_config(nats: &NatsServer, redis: &TestRedis) -> daisi_common::Config {
+    let mut c = test_config_for(nats.url(), redis.address());
+    redis.configure(&mut c);
+    c
 }
 
-/// `test_config` for servers given by `nats.url` and `redis.address`.
+/// `test_config` for servers given by `nats.url` and `redis.address`
+/// (standalone mode; set `redis.mode` for a cluster).
 pub fn test_config_for(nats_url: String, redis_address: String) -> daisi_common::Config {
     use daisi_common::Secret;
     let mut c = daisi_common::Config::default();

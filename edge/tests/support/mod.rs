@@ -8,31 +8,39 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use daisi_common::Config;
+use daisi_common::deps::RedisConn;
+use daisi_common::names::KeyLayout;
 use daisi_edge::Edge;
 use daisi_testkit::ws::WsClient;
-use daisi_testkit::{API_KEY, NatsServer, RedisServer, eventually, free_port, test_config};
+use daisi_testkit::{API_KEY, NatsServer, TestRedis, eventually, free_port, test_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-/// Real NATS and Redis for one test.
+/// Real NATS and Redis for one test (Redis standalone or a cluster, per
+/// `DWS_TEST_REDIS`).
 pub struct Servers {
     pub nats: NatsServer,
-    pub redis: RedisServer,
+    pub redis: TestRedis,
 }
 
 impl Servers {
     pub fn start() -> Self {
-        Self { nats: NatsServer::start(), redis: RedisServer::start() }
+        Self { nats: NatsServer::start(), redis: TestRedis::start() }
     }
 
     pub fn config(&self) -> Config {
         test_config(&self.nats, &self.redis)
     }
 
-    pub async fn redis_conn(&self) -> redis::aio::MultiplexedConnection {
-        let client = redis::Client::open(self.redis.url()).unwrap();
-        client.get_multiplexed_async_connection().await.unwrap()
+    /// A connection of the test's own, in the Redis's mode.
+    pub async fn redis_conn(&self) -> RedisConn {
+        self.redis.conn().await
+    }
+
+    /// Stored key names in the Redis's mode.
+    pub fn keys(&self) -> KeyLayout {
+        self.redis.keys()
     }
 }
 

@@ -9,11 +9,13 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use daisi_common::config::Config;
+use daisi_common::deps::RedisConn;
 use daisi_common::names;
+use daisi_common::names::KeyLayout;
 use daisi_edge::Edge;
 use daisi_router::Router;
 use daisi_testkit::ws::{WsClient, admin_token, user_token};
-use daisi_testkit::{ADMIN_API_KEY, API_KEY, NatsServer, RedisServer, eventually, test_config, unique};
+use daisi_testkit::{ADMIN_API_KEY, API_KEY, NatsServer, TestRedis, eventually, test_config, unique};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -22,10 +24,11 @@ use tokio_util::sync::CancellationToken;
 /// Generous bound for anything a user waits for.
 pub const WAIT: Duration = Duration::from_secs(15);
 
-/// Real servers plus the configuration every process of one test shares.
+/// Real servers plus the configuration every process of one test shares
+/// (Redis standalone or a cluster, per `DWS_TEST_REDIS`).
 pub struct Env {
     pub nats: NatsServer,
-    pub redis: RedisServer,
+    pub redis: TestRedis,
     pub base: Config,
 }
 
@@ -47,7 +50,7 @@ impl Env {
     pub fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         init_logs();
         let nats = NatsServer::start();
-        let redis = RedisServer::start();
+        let redis = TestRedis::start();
         let mut base = test_config(&nats, &redis);
         tweak(&mut base);
         Self { nats, redis, base }
@@ -86,9 +89,14 @@ impl Env {
         jetstream::new(client)
     }
 
-    pub async fn redis(&self) -> redis::aio::ConnectionManager {
-        let client = redis::Client::open(self.redis.url()).expect("redis url");
-        redis::aio::ConnectionManager::new(client).await.expect("test Redis connection")
+    /// A connection of the test's own, in the Redis's mode.
+    pub async fn redis(&self) -> RedisConn {
+        self.redis.conn().await
+    }
+
+    /// Stored key names in the Redis's mode.
+    pub fn keys(&self) -> KeyLayout {
+        self.redis.keys()
     }
 
     /// Redis's clock, in milliseconds.
@@ -105,14 +113,15 @@ impl Env {
         wait_registry_complete(&self.base).await
     }
 
-    /// Registers a fake edge `pod` at `addr` (as an edge would) and adds it to route `key`.
+    /// Registers a fake edge `pod` at `addr` (as an edge would) and adds it
+    /// to route `key` (logical).
     pub async fn register_fake_edge(&self, pod: &str, addr: &str, key: &str) {
         let mut conn = self.redis().await;
+        let keys = self.keys();
         let now = self.redis_now_ms().await.expect("redis time");
-        let marker: Option<String> =
-            redis::cmd("GET").arg(names::REGISTRY_GENERATION_KEY).query_async(&mut conn).await.unwrap();
+        let marker: Option<String> = redis::cmd("GET").arg(keys.generation()).query_async(&mut conn).await.unwrap();
         let _: () = redis::cmd("HSET")
-            .arg(names::edge_key(pod))
+            .arg(keys.edge(pod))
             .arg("addr")
             .arg(addr)
             .arg("boot")
@@ -124,18 +133,20 @@ impl Env {
             .query_async(&mut conn)
             .await
             .unwrap();
-        let _: () =
-            redis::cmd("HSET").arg(names::EDGE_DIRECTORY_KEY).arg(pod).arg(addr).query_async(&mut conn).await.unwrap();
-        let _: i64 = redis::cmd("ZADD").arg(key).arg(now + 600_000).arg(pod).query_async(&mut conn).await.unwrap();
+        let _: () = redis::cmd("HSET").arg(keys.directory()).arg(pod).arg(addr).query_async(&mut conn).await.unwrap();
+        let _: i64 =
+            redis::cmd("ZADD").arg(keys.route(key)).arg(now + 600_000).arg(pod).query_async(&mut conn).await.unwrap();
         let _: i64 =
             redis::cmd("PUBLISH").arg(names::ROUTE_CHANGES_CHANNEL).arg(key).query_async(&mut conn).await.unwrap();
     }
 
-    /// Waits until `pod` is a live member of route `key`.
+    /// Waits until `pod` is a live member of route `key` (logical).
     pub async fn wait_route(&self, key: &str, pod: &str) {
-        eventually(WAIT, &format!("{pod} in {key}"), || async {
-            let mut conn = self.redis().await;
-            let score: Option<f64> = redis::cmd("ZSCORE").arg(key).arg(pod).query_async(&mut conn).await.ok()?;
+        let stored = self.keys().route(key);
+        let conn = self.redis().await;
+        eventually(WAIT, &format!("{pod} in {stored}"), || async {
+            let mut conn = conn.clone();
+            let score: Option<f64> = redis::cmd("ZSCORE").arg(&stored).arg(pod).query_async(&mut conn).await.ok()?;
             score.map(|_| ())
         })
         .await
