@@ -672,13 +672,23 @@ impl Presence {
                 }
             }))
             .await?;
-            for ((key, _, socket, _), result) in results.into_iter().flatten() {
+            for ((key, owner, socket, _), result) in results.into_iter().flatten() {
                 match result {
                     0 => {
                         tracing::info!(session_key = %key, "session lock now held by another socket");
                         socket.request_close(CloseRequest::SessionTaken);
                     }
-                    2 => counter!("dws_session_reasserted_total").increment(1),
+                    2 if self.sessions.get(key).is_some_and(|s| s.owner == *owner) => {
+                        counter!("dws_session_reasserted_total").increment(1)
+                    }
+                    2 => {
+                        // The socket released its lock after this pass listed it and
+                        // before the re-assertion ran: the pass wrote back a lock
+                        // nobody holds, which would refuse the user's next connect
+                        // until it expired. Released again (owner-checked).
+                        tracing::debug!(session_key = %key, "released during a refresh pass; releasing the re-asserted lock");
+                        self.release(key, owner).await;
+                    }
                     _ => {}
                 }
             }
