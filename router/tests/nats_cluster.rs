@@ -2,7 +2,8 @@
 //! replicas, `nats.url` listing every server) and one Redis (or a Redis
 //! Cluster with `DWS_TEST_REDIS=cluster`): losing one NATS
 //! server — the stream's leader — while events flow loses nothing, doubles
-//! nothing and closes no socket.
+//! nothing and closes no socket; the edges' own reads of the stream (resume
+//! replays, a selected chat's latest message) work with a server gone.
 
 mod support;
 
@@ -120,4 +121,95 @@ async fn a_frozen_nats_server_is_left_behind_and_nothing_is_lost() {
     for c in [&mut u1, &mut u2] {
         assert_eq!(c.event(WAIT).await["seq"], seq);
     }
+}
+
+/// Connects with `resume` and returns what arrived before `ready`, the cut
+/// and the socket. An edge whose NATS connection is moving to another server
+/// may refuse the connect with a retryable close (1011/1013): retried, as a
+/// browser would.
+async fn resume_connect(url: &str, resume: &str) -> (daisi_testkit::ws::WsClient, Vec<serde_json::Value>, u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut client = daisi_testkit::ws::WsClient::connect(&format!("{url}&resume={resume}")).await;
+        let mut before_ready = Vec::new();
+        loop {
+            match client.next(WAIT).await {
+                daisi_testkit::ws::Seen::Json(v) if v["type"] == "ready" => {
+                    let cut = v["payload"]["stream_seq"].as_u64().expect("ready carries stream_seq");
+                    return (client, before_ready, cut);
+                }
+                daisi_testkit::ws::Seen::Json(v) if v["type"] == "error" => {}
+                daisi_testkit::ws::Seen::Json(v) => before_ready.push(v),
+                daisi_testkit::ws::Seen::Closed(Some(code @ (1011 | 1013))) => {
+                    assert!(tokio::time::Instant::now() < deadline, "still refused ({code}) after {WAIT:?}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    break;
+                }
+                other => panic!("resume connect: unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+/// The edges' reads of the stream — a resume's replay and a selected chat's
+/// latest message — still work with one of the three servers gone (killed,
+/// the stream's leader): every event published while the user was away comes
+/// back once, in order, and the chat's latest message is sent on select.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_and_select_read_the_stream_after_losing_a_nats_server() {
+    let mut nats = NatsCluster::start();
+    let redis = TestRedis::start();
+    let mut config = test_config_for(nats.urls(), redis.address());
+    redis.configure(&mut config);
+    config.nats.stream_replicas = 3;
+    config.nats.consumer_ack_wait_seconds = 3;
+    let _router = router_with(config.clone()).await;
+    let edge = edge_with(&config).await;
+    wait_registry_complete(&config).await;
+    let publisher = daisi_common::deps::nats_client(&config.nats, "test publisher").await.expect("publisher");
+    let js = jetstream::new(publisher);
+    let token = daisi_testkit::ws::user_token("c1", "a1", "u1", 3600);
+    let url = format!("ws://{}/ws/c1/a1?token={token}&x-api-key={}", edge.edge().http_addr, daisi_testkit::API_KEY);
+    let chats = names::chats_subject("c1", "a1");
+    let chat_x = names::messages_subject("c1", "a1", "x");
+
+    let (mut c, replayed, floor) = resume_connect(&url, "").await;
+    assert!(replayed.is_empty(), "nothing to replay on a first connect: {replayed:?}");
+    let store = daisi_common::deps::redis(&config.redis).expect("redis connection");
+    let route = store.keys.route(&names::chats_route_key("c1", "a1"));
+    eventually(WAIT, "the socket's route is written", || {
+        let (mut conn, route, pod) = (store.conn.clone(), route.clone(), edge.pod_id());
+        async move {
+            let score: Option<f64> = redis::cmd("ZSCORE").arg(&route).arg(&pod).query_async(&mut conn).await.ok()?;
+            score.map(|_| ())
+        }
+    })
+    .await;
+    let seen = publish_json(&js, &chats, &json!({"n": 0})).await;
+    assert_eq!(c.event(WAIT).await["seq"], seen);
+    c.close().await;
+
+    let leader = eventually(WAIT, "stream leader known", || stream_leader(&js, &config.nats.stream_name)).await;
+    nats.kill(leader);
+    let mut missed = Vec::new();
+    for n in 1..=5 {
+        missed.push(publish_json(&js, &chats, &json!({"n": n})).await);
+    }
+    let latest_x = publish_json(&js, &chat_x, &json!({"m": "latest"})).await;
+
+    let (mut c, replayed, cut) = resume_connect(&url, &format!("{floor},{chats}:{seen}")).await;
+    let got: Vec<u64> = replayed
+        .iter()
+        .map(|e| {
+            assert_eq!((e["type"].as_str(), e["subject"].as_str()), (Some("event"), Some(chats.as_str())), "{e}");
+            e["seq"].as_u64().unwrap()
+        })
+        .collect();
+    assert_eq!(got, missed, "every event published while away, once, in order, with a server gone");
+    assert!(cut >= latest_x);
+    c.select_chat("x").await;
+    let latest = c.event(WAIT).await;
+    assert_eq!((latest["seq"].as_u64(), latest["subject"].as_str()), (Some(latest_x), Some(chat_x.as_str())));
+    let live = publish_json(&js, &chats, &json!({"n": "live"})).await;
+    assert_eq!(c.event(WAIT).await["seq"], live);
 }
