@@ -708,11 +708,8 @@ mod tests {
         let port = c.master_for_key("k");
         // Write through the right master, then kill it.
         assert_eq!(redis_raw(port, "SET k v"), "+OK\r\n");
-        // Give every replica the write before the kill: WAIT for as many as
-        // the master reports, not an assumed one. With `WAIT 1` a CI run and
-        // 1 local run in 6 found the promoted replica without the key; the
-        // cause is not pinned down (every run since, 18, had one replica and
-        // passed), so a failure prints every node's view below.
+        // Give every replica the write before the kill (WAIT for as many as
+        // the master reports), so the promoted replica normally has it.
         let replicas = redis_raw(port, "INFO replication")
             .lines()
             .find_map(|l| l.strip_prefix("connected_slaves:")?.trim().parse::<usize>().ok())
@@ -724,9 +721,17 @@ mod tests {
         c.wait_healthy(Duration::from_secs(30)).expect("replica took over");
         let new_master = c.master_for_key("k");
         assert_ne!(new_master, port);
+        // The new master serves the key's slot (a value or nil, not MOVED or
+        // CLUSTERDOWN). Whether it still holds the write is Redis's business,
+        // not this harness's: Redis Cluster does not promise that an
+        // acknowledged write survives a failover, and in about one run in
+        // twenty-five (CI 2026-11-30 and 2026-12-01) the promoted node lacked
+        // it although WAIT had counted every replica. The product keeps
+        // nothing in Redis it cannot re-assert, and its own cluster tests
+        // check that.
         let got = redis_raw(new_master, "GET k");
         if got != "$1\r\nv\r\n" {
-            eprintln!("killed {port} new {new_master} got {got:?}");
+            eprintln!("killed {port} new {new_master} got {got:?} (an acknowledged write lost in the failover)");
             for n in c.nodes.iter().filter(|n| n.running()) {
                 eprintln!(
                     "view of {}:\n{}\n{}",
@@ -736,7 +741,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(got, "$1\r\nv\r\n", "the replica had the key");
+        assert!(got == "$1\r\nv\r\n" || got == "$-1\r\n", "the new master serves the slot: {got:?}");
         c.restart(port);
         wait_until(Duration::from_secs(30), || c.replica_ports().contains(&port));
         c.wait_healthy(Duration::from_secs(30)).unwrap();
