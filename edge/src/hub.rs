@@ -307,30 +307,8 @@ impl SocketShared {
     /// Queues the latest stored message (seq `latest_seq`, if any) first, then
     /// the held live events newer than it, and opens the gate.
     pub fn gate_open(&self, subject: &Arc<str>, latest: Option<(u64, Outgoing)>) {
-        let mut q = self.lock();
-        let held = match std::mem::replace(&mut q.gate, Gate::None) {
-            Gate::Pending { subject: s, held } if s == *subject => held,
-            other => {
-                // Another select replaced this one meanwhile: leave it be.
-                q.gate = other;
-                return;
-            }
-        };
         let min_seq = latest.as_ref().map(|(s, _)| *s).unwrap_or(0);
-        if let Some((_, out)) = latest {
-            self.push_locked(&mut q, out);
-        }
-        let mut held = held;
-        held.sort_by_key(|(s, _)| *s);
-        held.dedup_by_key(|(s, _)| *s);
-        for (seq, out) in held {
-            if seq > min_seq {
-                self.push_locked(&mut q, out);
-            }
-        }
-        q.gate = Gate::Open { subject: subject.clone(), min_seq };
-        drop(q);
-        self.notify.notify_one();
+        self.gate_open_replayed(subject, latest.into_iter().map(|(_, out)| out).collect(), min_seq);
     }
 
     /// Queues the latest stored message of a selected chat now, while its
@@ -358,6 +336,7 @@ impl SocketShared {
         let held = match std::mem::replace(&mut q.gate, Gate::None) {
             Gate::Pending { subject: s, held } if s == *subject => held,
             other => {
+                // Another select replaced this one meanwhile: leave it be.
                 q.gate = other;
                 return;
             }

@@ -378,12 +378,12 @@ async fn process(ctx: &Arc<Ctx>, job: Job, settler: &mpsc::UnboundedSender<Pendi
         return;
     }
     let subject_str = message.subject.as_str();
-    let Some(subject) = Subject::parse(subject_str) else {
+    if Subject::parse(subject_str).is_none() {
         ctx.metrics.invalid.inc();
         tracing::warn!(subject = %subject_str, event_id = seq, "terminating an event with an invalid subject");
         settle(&acker, AckKind::Term, seq).await;
         return;
-    };
+    }
     if serde_json::from_slice::<serde::de::IgnoredAny>(&message.payload).is_err() {
         ctx.metrics.invalid.inc();
         tracing::warn!(subject = %subject_str, event_id = seq, "terminating an event whose body is not JSON");
@@ -391,9 +391,11 @@ async fn process(ctx: &Arc<Ctx>, job: Job, settler: &mpsc::UnboundedSender<Pendi
         return;
     }
     let retry = Retry { subject: subject_str.to_string(), seq, delivered };
-    let resolution = match resolution {
-        Some(resolution) => resolution,
-        None => ctx.routes.resolve(&subject).await.map_err(Arc::new),
+    // The resolver answers every valid subject unless the router was already
+    // stopping, and then the check above handed the message back.
+    let Some(resolution) = resolution else {
+        settle(&acker, AckKind::Nak(None), seq).await;
+        return;
     };
     let Resolution { edges, complete } = match resolution {
         Ok(r) => r,

@@ -191,16 +191,6 @@ impl Routes {
         self.cache.clear();
     }
 
-    /// Resolves `subject` to the live edges that want it.
-    pub async fn resolve(&self, subject: &Subject<'_>) -> Result<Resolution, RouteError> {
-        let mut answers = self.resolve_many(std::slice::from_ref(subject)).await;
-        match answers.pop() {
-            Some(Ok(resolution)) => Ok(resolution),
-            Some(Err(e)) => Err(Arc::into_inner(e).unwrap_or_else(|| RouteError::Reply("shared error".into()))),
-            None => Err(RouteError::Reply("no answer".into())),
-        }
-    }
-
     /// Resolves every subject of a pulled chunk, answer `i` for subject `i`:
     /// cached ones at once, the distinct others together in one Redis round
     /// trip (standalone: one script call; cluster: the members read per slot,
