@@ -202,17 +202,21 @@ return {marker or '', groups, unconfirmed}
 "#;
 
 /// The registry half of [`RESOLVE_ROUTES`] for a Redis Cluster, where route
-/// keys live in other slots than the registry: the router reads the route
-/// members first (one call per slot), then asks this script, in the
-/// registry's slot, for their addresses and for the known edges that have
-/// not confirmed the current generation. KEYS[1] marker, KEYS[2] directory,
+/// keys live in other slots than the registry. The router asks this script,
+/// in the registry's slot, for the addresses and confirmations of the edges
+/// it knows *before* it reads the route members (one call per slot): an
+/// edge confirms a generation only after writing all its routes, so one
+/// confirmed before the members were read is in them wherever it wants the
+/// subject (decision 0027). Route members it did not know are asked about
+/// afterwards, for their addresses only. KEYS[1] marker, KEYS[2] directory,
 /// KEYS[2 + i] the registration key of pod ARGV[i + 1]; ARGV[1] the number
-/// of route members, ARGV[2..] the members, then the pods the router knows.
+/// of pods asked only for their address, ARGV[2..] those pods, then the pods
+/// whose confirmation is checked too.
 /// Returns `{marker or "", {pod, reg_addr or "", ...}, {unconfirmed pod, ...}}`.
 pub const RESOLVE_REGISTRY: &str = r#"
 local marker = redis.call('GET', KEYS[1])
 local n = tonumber(ARGV[1])
-local members = {}
+local pods = {}
 local unconfirmed = {}
 local seen = {}
 for i = 2, #ARGV do
@@ -220,19 +224,16 @@ for i = 2, #ARGV do
   local key = KEYS[i + 1]
   if not seen[pod] then
     seen[pod] = true
-    if i <= n + 1 then
-      table.insert(members, pod)
-      table.insert(members, redis.call('HGET', key, 'addr') or '')
-    else
-      local gen = redis.call('HGET', key, 'gen')
-      if (not marker) or gen ~= marker then
-        local entry = redis.call('HGET', KEYS[2], pod) or ''
-        if string.sub(entry, 1, 1) ~= '-' then table.insert(unconfirmed, pod) end
-      end
+    local reg = redis.call('HMGET', key, 'addr', 'gen')
+    table.insert(pods, pod)
+    table.insert(pods, reg[1] or '')
+    if i > n + 1 and ((not marker) or reg[2] ~= marker) then
+      local entry = redis.call('HGET', KEYS[2], pod) or ''
+      if string.sub(entry, 1, 1) ~= '-' then table.insert(unconfirmed, pod) end
     end
   end
 end
-return {marker or '', members, unconfirmed}
+return {marker or '', pods, unconfirmed}
 "#;
 
 /// Whether the registry is complete as an operator (or a test) sees it: the

@@ -313,11 +313,19 @@ impl Routes {
     }
 
     /// [`scripts::RESOLVE_ROUTES`] in a Redis Cluster, where the route keys
-    /// and the registry live in different slots: the members of every route
-    /// key are read first (one pipeline per slot, all at once; the keys of
-    /// one subject share a slot), then [`scripts::RESOLVE_REGISTRY`] runs
-    /// once, in the registry's slot, for every member found.
+    /// and the registry live in different slots, so no one script can read
+    /// both at once. The registry is read first ([`scripts::RESOLVE_REGISTRY`]:
+    /// the marker, and the address and confirmation of every edge this router
+    /// knows), then the members of every route key (one pipeline per slot,
+    /// all at once; the keys of one subject share a slot). In that order an
+    /// edge counted as confirmed had written all its routes before they were
+    /// read; in the other, an edge re-asserting its routes between the two
+    /// reads would count as confirmed yet be missing from the members, and
+    /// the event would be acked without it. Members this router did not know
+    /// are asked about afterwards, for their addresses only.
     async fn lookup_in_cluster(&self, conn: &mut RedisConn, misses: &[Miss]) -> Result<ScriptReply, RouteError> {
+        let awaited = self.directory.awaited();
+        let registry = self.read_registry(conn, &[], &awaited).await?;
         let stored: Vec<(usize, String)> = misses
             .iter()
             .enumerate()
@@ -337,38 +345,49 @@ impl Routes {
         }))
         .await?;
         let mut per_miss: Vec<Vec<String>> = vec![Vec::new(); misses.len()];
-        let mut union: Vec<String> = Vec::new();
-        let mut in_union: std::collections::HashSet<String> = std::collections::HashSet::new();
         for (m, members) in read.into_iter().flatten() {
             for pod in members {
                 if !per_miss[m].contains(&pod) {
-                    per_miss[m].push(pod.clone());
-                }
-                if in_union.insert(pod.clone()) {
-                    union.push(pod);
+                    per_miss[m].push(pod);
                 }
             }
         }
-        let mut invocation = self.registry_script.prepare_invoke();
-        invocation.key(self.keys.generation()).key(self.keys.directory()).arg(union.len());
-        for pod in union.iter().cloned().chain(self.directory.awaited()) {
-            invocation.key(self.keys.edge(&pod)).arg(pod);
+        let mut addr: std::collections::HashMap<String, String> = registry.pods.into_iter().collect();
+        let mut strangers: Vec<String> =
+            per_miss.iter().flatten().filter(|pod| !addr.contains_key(pod.as_str())).cloned().collect();
+        strangers.sort_unstable();
+        strangers.dedup();
+        if !strangers.is_empty() {
+            addr.extend(self.read_registry(conn, &strangers, &[]).await?.pods);
         }
-        let registry = parse_registry_reply(invocation.invoke_async(conn).await?)?;
-        let addr: std::collections::HashMap<&str, &str> =
-            registry.pods.iter().map(|(pod, addr)| (pod.as_str(), addr.as_str())).collect();
         let members = per_miss
             .into_iter()
             .map(|pods| {
                 pods.into_iter()
                     .map(|pod| {
-                        let a = addr.get(pod.as_str()).copied().unwrap_or_default().to_string();
+                        let a = addr.get(&pod).cloned().unwrap_or_default();
                         (pod, a)
                     })
                     .collect()
             })
             .collect();
         Ok(ScriptReply { marker: registry.marker, members, unconfirmed: registry.unconfirmed })
+    }
+
+    /// [`scripts::RESOLVE_REGISTRY`]: the addresses of `addresses` and of
+    /// `awaited`, and which of `awaited` have not confirmed the generation.
+    async fn read_registry(
+        &self,
+        conn: &mut RedisConn,
+        addresses: &[String],
+        awaited: &[String],
+    ) -> Result<RegistryReply, RouteError> {
+        let mut invocation = self.registry_script.prepare_invoke();
+        invocation.key(self.keys.generation()).key(self.keys.directory()).arg(addresses.len());
+        for pod in addresses.iter().chain(awaited) {
+            invocation.key(self.keys.edge(pod)).arg(pod);
+        }
+        parse_registry_reply(invocation.invoke_async(conn).await?)
     }
 
     /// Removes pods that have no registration and that no router knows any

@@ -155,6 +155,20 @@ impl TestRedis {
         }
     }
 
+    /// `FLUSHALL` on the server, or on every master (replicas follow): Redis
+    /// loses its data without going down, so clients see no error and find
+    /// out only from what is missing.
+    pub fn flush_all(&self) {
+        let ports = match &self.inner {
+            Inner::Standalone(r) => vec![r.port()],
+            Inner::Cluster(c) => c.master_ports(),
+        };
+        for port in ports {
+            let reply = crate::cluster::redis_raw(port, "FLUSHALL");
+            assert!(reply.starts_with("+OK"), "FLUSHALL on {port}: {reply:?}");
+        }
+    }
+
     /// SIGSTOP: the server, or every node (data kept, clocks moving on).
     pub fn freeze(&self) {
         match &self.inner {
