@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # The test command of the README: every unit and integration test of the
 # workspace, against real nats-server and redis-server processes that the
-# tests start themselves on free ports (Redis standalone). The tests whose
-# stacks use Redis can run again with a Redis Cluster (DWS_TEST_REDIS=cluster:
-# three masters, three replicas per test; decision 0031): not by default yet,
-# since that pass still fails some runs (decision 0031, "Not in CI yet").
+# tests start themselves on free ports (Redis standalone); then the tests
+# whose stacks use Redis again, each with a Redis Cluster
+# (DWS_TEST_REDIS=cluster: three masters, three replicas per test; decision 0031).
 #
 #   scripts/test.sh [ARGS]   ARGS go to both runs (e.g. a test name filter; an -E
 #                            expression widens the cluster pass, nextest joins them)
 #
-#   DWS_TEST_REDIS_MODES="standalone cluster"   both passes; "standalone" (the
-#                                               default) or "cluster" runs only that pass
+#   DWS_TEST_REDIS_MODES="standalone cluster"   both passes (the default);
+#                                               "standalone" or "cluster" runs only that pass
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-deps.sh
@@ -27,7 +26,7 @@ cluster_filter='(package(daisi-edge) | package(daisi-router) | binary_id(daisi-l
   & !binary_id(daisi-edge::properties) & !binary_id(daisi-router::redis_cluster)
   & !(binary_id(daisi-router::secured_deps) & test(=a_redis_cluster_with_an_acl_user_delivers_takes_over_and_hides_the_password))'
 
-modes="${DWS_TEST_REDIS_MODES:-standalone}"
+modes="${DWS_TEST_REDIS_MODES:-standalone cluster}"
 failed=()
 for mode in $modes; do
   case "$mode" in
