@@ -20,11 +20,12 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/daisi-ws/targ
 # start a stack, and the loadtest self-test. Left out: tests that start no
 # Redis (the edge's property tests), and the tests that always run on a Redis
 # Cluster of their own (router/tests/redis_cluster.rs and the ACL cluster test
-# of router/tests/secured_deps.rs: they ran in the first pass). Tests about one
+# and the TLS cluster test of router/tests/secured_deps.rs: they ran in the first pass). Tests about one
 # redis-server of their own (ACL, TLS) print why they skip in this pass.
 cluster_filter='(package(daisi-edge) | package(daisi-router) | binary_id(daisi-loadtest::selftest))
   & !binary_id(daisi-edge::properties) & !binary_id(daisi-router::redis_cluster)
-  & !(binary_id(daisi-router::secured_deps) & test(=a_redis_cluster_with_an_acl_user_delivers_takes_over_and_hides_the_password))'
+  & !(binary_id(daisi-router::secured_deps) & (test(=a_redis_cluster_with_an_acl_user_delivers_takes_over_and_hides_the_password)
+       | test(=rediss_to_a_redis_cluster_with_a_ca_file)))'
 
 modes="${DWS_TEST_REDIS_MODES:-standalone cluster}"
 failed=()

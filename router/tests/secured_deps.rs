@@ -135,6 +135,28 @@ async fn user_and_password_in_the_nats_url_and_a_redis_acl_user() {
     }
 }
 
+/// Starts an edge on `config` (wrong credentials) and waits until `/ready`
+/// answers 503 naming every one of `failing`; checks that `secret` is not in
+/// the body, and that the edge is still unready two seconds later. Returns
+/// the edge's shutdown token.
+async fn unready_edge(mut config: Config, failing: &[&str], secret: &str) -> tokio_util::sync::CancellationToken {
+    config.server.pod_id = unique("edge").replace('_', "-");
+    let token = tokio_util::sync::CancellationToken::new();
+    let edge = daisi_edge::run(tokio::sync::watch::channel(Arc::new(config)).1, token.clone())
+        .await
+        .expect("edge starts and keeps retrying");
+    let body = daisi_testkit::eventually(WAIT, "/ready names the failures", || async {
+        let (status, body) = http_get(edge.http_addr, "/ready").await?;
+        (status == 503 && failing.iter().all(|f| body.contains(f))).then_some(body)
+    })
+    .await;
+    assert!(!body.contains(secret), "{body}");
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let (status, body) = http_get(edge.http_addr, "/ready").await.expect("ready answers");
+    assert_eq!(status, 503, "still unready: {body}");
+    token
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_keep_the_edge_unready_and_say_so_without_the_password() {
     if skip_in_cluster_mode(
@@ -147,21 +169,11 @@ async fn wrong_credentials_keep_the_edge_unready_and_say_so_without_the_password
     let nats = nats_with_auth(&format!("authorization {{ user: dws, password: \"{NATS_PASSWORD}\" }}"));
     let redis = redis_with_acl();
     let wrong = "not-the-password-Yy3";
-    let mut config = base_config(
+    let config = base_config(
         format!("nats://dws:{wrong}@127.0.0.1:{}", nats.port()),
         format!("redis://dws:{wrong}@127.0.0.1:{}", redis.port()),
     );
-    config.server.pod_id = unique("edge").replace('_', "-");
-    let token = tokio_util::sync::CancellationToken::new();
-    let edge = daisi_edge::run(tokio::sync::watch::channel(Arc::new(config)).1, token.clone())
-        .await
-        .expect("edge starts and keeps retrying");
-    let body = daisi_testkit::eventually(WAIT, "/ready names both failures", || async {
-        let (status, body) = http_get(edge.http_addr, "/ready").await?;
-        (status == 503 && body.contains("nats") && body.contains("redis")).then_some(body)
-    })
-    .await;
-    assert!(!body.contains(wrong), "{body}");
+    let token = unready_edge(config, &["nats", "redis"], wrong).await;
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(logs.to_lowercase().contains("authorization"), "the NATS refusal is logged");
     assert!(!logs.contains(wrong), "the password appears in the logs");
@@ -246,6 +258,37 @@ async fn tls_to_nats_and_redis_with_a_ca_file() {
     t.cancel();
 
     delivers_and_hides(config, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rediss_to_a_redis_cluster_with_a_ca_file() {
+    // Its Redis is a TLS cluster of its own, in either pass.
+    let certs = TestCerts::new("rcluster");
+    let (cert, key, ca) = (s(certs.node_cert()), s(certs.node_key()), s(certs.ca()));
+    let nats = daisi_testkit::NatsServer::start();
+    let redis = daisi_testkit::cluster::RedisCluster::start_with_tls(&cert, &key, &ca);
+    let mut config = base_config(nats.url(), redis.tls_addresses());
+    config.redis.mode = daisi_common::config::RedisMode::Cluster;
+    config.redis.tls_ca_file = ca.clone();
+
+    // Without the CA the nodes' certificates are refused: never ready.
+    let mut untrusting = config.clone();
+    untrusting.redis.tls_ca_file.clear();
+    untrusting.server.pod_id = unique("edge").replace('_', "-");
+    let t = tokio_util::sync::CancellationToken::new();
+    let edge = daisi_edge::run(tokio::sync::watch::channel(Arc::new(untrusting)).1, t.clone()).await.unwrap();
+    daisi_testkit::eventually(WAIT, "an untrusting edge reports Redis down", || async {
+        let (status, body) = http_get(edge.http_addr, "/ready").await?;
+        (status == 503 && body.contains("redis")).then_some(())
+    })
+    .await;
+    t.cancel();
+
+    // With it, every node connection the cluster client opens (to the TLS
+    // ports the nodes announce to a TLS client) works, pub/sub included.
+    delivers_and_hides(config.clone(), &[]).await;
+    takeover_across_two_edges(&config).await;
+    assert_eq!(daisi_common::deps::cross_slot_errors(), 0);
 }
 
 /// A signed NATS JWT (v2) for `claims` (`iss`, `sub`, `iat`, `jti` added).
@@ -427,8 +470,18 @@ async fn a_redis_cluster_with_an_acl_user_delivers_takes_over_and_hides_the_pass
     // The kill switch crosses edges over authenticated cluster pub/sub.
     takeover_across_two_edges(&config).await;
 
+    // A wrong password: the edge stays unready, says Redis is the problem,
+    // and shows the password nowhere.
+    let wrong = "not-the-cluster-password-Qq7";
+    let mut bad = config.clone();
+    bad.redis.address = redis.addresses();
+    bad.redis.username = "dws".into();
+    bad.redis.password = Secret::new(wrong);
+    unready_edge(bad, &["redis"], wrong).await.cancel();
+
     let logs = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
     assert!(!logs.is_empty(), "logs were captured");
     assert!(!logs.contains(REDIS_PASSWORD), "the Redis password shows in a log line");
+    assert!(!logs.contains(wrong), "the wrong password shows in a log line");
     assert_eq!(daisi_common::deps::cross_slot_errors(), 0);
 }

@@ -17,6 +17,8 @@ use crate::{find_binary, wait_for_port};
 /// same arguments and folder.
 struct Node {
     port: u16,
+    /// The TLS port of a Redis node started with TLS.
+    tls_port: Option<u16>,
     dir: PathBuf,
     args: Vec<String>,
     binary: PathBuf,
@@ -224,6 +226,52 @@ impl RedisCluster {
         Self::start_with(&server, &cli)
     }
 
+    /// [`RedisCluster::start`] where every node also serves TLS (the
+    /// certificate `cert`/`key`, signed by `ca` and valid for client use
+    /// too: a node dials its peers' bus with it; no client certificate is
+    /// asked of clients) on a port of its own, and the nodes talk to each
+    /// other over TLS too (`tls-cluster`, `tls-replication`), so a client
+    /// that connects with TLS is told the nodes' TLS ports. The plain ports
+    /// stay for this harness. [`RedisCluster::tls_addresses`] lists the seeds.
+    pub fn start_with_tls(cert: &str, key: &str, ca: &str) -> Self {
+        let tls: Vec<String> = [
+            "--tls-cert-file",
+            cert,
+            "--tls-key-file",
+            key,
+            "--tls-ca-cert-file",
+            ca,
+            "--tls-auth-clients",
+            "no",
+            "--tls-cluster",
+            "yes",
+            "--tls-replication",
+            "yes",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start_tls(&tls, &[], true) {
+                Ok(c) => return c,
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not start a TLS Redis Cluster: {last}");
+    }
+
+    /// `rediss://127.0.0.1:<TLS port>` of every node, comma-separated (after
+    /// [`RedisCluster::start_with_tls`]; empty otherwise).
+    pub fn tls_addresses(&self) -> String {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.tls_port)
+            .map(|p| format!("rediss://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     fn start_with(server_args: &[String], cli_args: &[String]) -> Self {
         let mut last = String::new();
         for _ in 0..3 {
@@ -236,12 +284,29 @@ impl RedisCluster {
     }
 
     fn try_start(server_args: &[String], cli_args: &[String]) -> Result<Self, String> {
+        Self::try_start_tls(server_args, cli_args, false)
+    }
+
+    fn try_start_tls(server_args: &[String], cli_args: &[String], tls: bool) -> Result<Self, String> {
         let binary = find_binary("redis-server", "redis-server");
         let cli = find_binary("redis-cli", "redis-tools");
         let dir = tempfile::Builder::new().prefix("dws-rcluster-").tempdir().map_err(|e| e.to_string())?;
         let ports = free_ports(6, Some(10000));
+        let tls_ports = if tls { free_ports(6, None) } else { Vec::new() };
         let mut nodes = Vec::new();
-        for port in &ports {
+        for (i, port) in ports.iter().enumerate() {
+            let tls_port = tls_ports.get(i).copied();
+            // With tls-cluster the bus would follow the TLS port: pinned to
+            // the plain port's (the one reserved above).
+            let tls_args: Vec<String> = match tls_port {
+                Some(t) => vec![
+                    "--tls-port".into(),
+                    t.to_string(),
+                    "--cluster-port".into(),
+                    (u32::from(*port) + 10000).to_string(),
+                ],
+                None => Vec::new(),
+            };
             let node_dir = dir.path().join(port.to_string());
             std::fs::create_dir_all(&node_dir).map_err(|e| e.to_string())?;
             let args = [
@@ -270,9 +335,17 @@ impl RedisCluster {
             .map(|s| s.to_string())
             .chain([node_dir.display().to_string()])
             .chain(server_args.iter().cloned())
+            .chain(tls_args)
             .collect();
-            let mut node =
-                Node { port: *port, dir: node_dir, args, binary: binary.clone(), child: None, name: "redis-server" };
+            let mut node = Node {
+                port: *port,
+                tls_port,
+                dir: node_dir,
+                args,
+                binary: binary.clone(),
+                child: None,
+                name: "redis-server",
+            };
             node.spawn()?;
             nodes.push(node);
         }
@@ -281,11 +354,28 @@ impl RedisCluster {
         for port in &ports {
             create.arg(format!("127.0.0.1:{port}"));
         }
-        let out = create
+        // redis-cli waits forever for nodes that cannot reach each other's
+        // bus (a TLS misconfiguration): bounded here.
+        let mut child = create
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .map_err(|e| format!("redis-cli: {e}"))?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while child.try_wait().map_err(|e| format!("redis-cli: {e}"))?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().map_err(|e| format!("redis-cli: {e}"))?;
+                return Err(format!(
+                    "redis-cli --cluster create did not finish within 60 s: {}",
+                    String::from_utf8_lossy(&out.stdout)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().map_err(|e| format!("redis-cli: {e}"))?;
         if !out.status.success() {
             return Err(format!(
                 "redis-cli --cluster create failed: {}{}",
@@ -526,8 +616,15 @@ impl NatsCluster {
             let conf_path = node_dir.join("nats.conf");
             std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
             let args = vec!["-c".to_string(), conf_path.display().to_string()];
-            let mut node =
-                Node { port: client[i], dir: node_dir, args, binary: binary.clone(), child: None, name: "nats-server" };
+            let mut node = Node {
+                port: client[i],
+                tls_port: None,
+                dir: node_dir,
+                args,
+                binary: binary.clone(),
+                child: None,
+                name: "nats-server",
+            };
             node.spawn()?;
             nodes.push(node);
         }
@@ -664,6 +761,7 @@ impl CustomServer {
             let port = crate::free_port();
             let mut node = Node {
                 port,
+                tls_port: None,
                 dir: dir.path().to_path_buf(),
                 args: args(port, dir.path()),
                 binary: binary.clone(),

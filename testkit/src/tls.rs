@@ -49,6 +49,14 @@ impl TestCerts {
         );
         Self::sign(d, "server", "localhost", "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth");
         Self::sign(d, "client", "client", "subjectAltName=DNS:client\nextendedKeyUsage=clientAuth");
+        // A Redis Cluster node is both: it serves clients and dials its peers'
+        // cluster bus with the same certificate.
+        Self::sign(
+            d,
+            "node",
+            "localhost",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth",
+        );
         Self { dir, name: name.to_string() }
     }
 
@@ -118,6 +126,13 @@ impl TestCerts {
     }
     pub fn server_key(&self) -> PathBuf {
         self.dir.path().join("server.key")
+    }
+    /// A certificate for both server and client use (a Redis Cluster node).
+    pub fn node_cert(&self) -> PathBuf {
+        self.dir.path().join("node.pem")
+    }
+    pub fn node_key(&self) -> PathBuf {
+        self.dir.path().join("node.key")
     }
     pub fn client_cert(&self) -> PathBuf {
         self.dir.path().join("client.pem")
