@@ -10,23 +10,17 @@ mod support;
 use std::collections::BTreeSet;
 
 use async_nats::jetstream;
-use daisi_common::names;
+use daisi_common::{Config, names};
 use daisi_testkit::cluster::NatsCluster;
 use daisi_testkit::{TestRedis, eventually, test_config_for};
 use serde_json::json;
 use support::*;
 
 /// Index (0..3) of the server leading the stream's RAFT group.
-async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<usize> {
-    let mut s = js.get_stream(stream).await.ok()?;
-    let info = s.info().await.ok()?;
-    let leader = info.cluster.as_ref()?.leader.as_ref()?;
-    leader.strip_prefix('n')?.parse().ok()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn losing_the_stream_leader_while_events_flow_loses_nothing() {
-    let mut nats = NatsCluster::start();
+/// A three-node NATS cluster, the Redis of this run's mode, and a config for
+/// both with the stream on three replicas.
+fn cluster_stack() -> (NatsCluster, TestRedis, Config) {
+    let nats = NatsCluster::start();
     let redis = TestRedis::start();
     let mut config = test_config_for(nats.urls(), redis.address());
     redis.configure(&mut config);
@@ -36,6 +30,19 @@ async fn losing_the_stream_leader_while_events_flow_loses_nothing() {
     // ack_wait (30 s by default), longer than these tests wait for an event
     // on a busy machine (decision 0025). Nothing is lost either way.
     config.nats.consumer_ack_wait_seconds = 3;
+    (nats, redis, config)
+}
+
+async fn stream_leader(js: &jetstream::Context, stream: &str) -> Option<usize> {
+    let mut s = js.get_stream(stream).await.ok()?;
+    let info = s.info().await.ok()?;
+    let leader = info.cluster.as_ref()?.leader.as_ref()?;
+    leader.strip_prefix('n')?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_stream_leader_while_events_flow_loses_nothing() {
+    let (mut nats, _redis, config) = cluster_stack();
 
     let _r1 = router_with(config.clone()).await;
     let _r2 = router_with(config.clone()).await;
@@ -78,16 +85,7 @@ async fn losing_the_stream_leader_while_events_flow_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_nats_server_is_left_behind_and_nothing_is_lost() {
-    let mut nats = NatsCluster::start();
-    let redis = TestRedis::start();
-    let mut config = test_config_for(nats.urls(), redis.address());
-    redis.configure(&mut config);
-    config.nats.stream_replicas = 3;
-    // A pull answered by the dying server may be lost on the wire after the
-    // consumer recorded it as delivered: JetStream gives it again only after
-    // ack_wait (30 s by default), longer than these tests wait for an event
-    // on a busy machine (decision 0025). Nothing is lost either way.
-    config.nats.consumer_ack_wait_seconds = 3;
+    let (mut nats, _redis, config) = cluster_stack();
 
     let _r1 = router_with(config.clone()).await;
     let _r2 = router_with(config.clone()).await;
@@ -157,12 +155,7 @@ async fn resume_connect(url: &str, resume: &str) -> (daisi_testkit::ws::WsClient
 /// back once, in order, and the chat's latest message is sent on select.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_and_select_read_the_stream_after_losing_a_nats_server() {
-    let mut nats = NatsCluster::start();
-    let redis = TestRedis::start();
-    let mut config = test_config_for(nats.urls(), redis.address());
-    redis.configure(&mut config);
-    config.nats.stream_replicas = 3;
-    config.nats.consumer_ack_wait_seconds = 3;
+    let (mut nats, _redis, config) = cluster_stack();
     let _router = router_with(config.clone()).await;
     let edge = edge_with(&config).await;
     wait_registry_complete(&config).await;
