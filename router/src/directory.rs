@@ -91,6 +91,18 @@ impl Directory {
         Some(EdgeTarget { pod: known.key().clone(), addr: known.addr.clone() })
     }
 
+    /// A registered route member as a target, sharing this router's copy
+    /// of its id and address when it knows the edge at that address (no
+    /// allocation per event for the edges it talks to).
+    pub fn target(&self, pod: &str, addr: &str) -> EdgeTarget {
+        if let Some(known) = self.known.get(pod)
+            && &*known.addr == addr
+        {
+            return EdgeTarget { pod: known.key().clone(), addr: known.addr.clone() };
+        }
+        EdgeTarget { pod: pod.into(), addr: addr.into() }
+    }
+
     /// Whether `pod` is known to this router at all.
     pub fn knows(&self, pod: &str) -> bool {
         self.known.contains_key(pod)

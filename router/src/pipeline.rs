@@ -38,6 +38,13 @@ const CONSUMER_CHECK: Duration = Duration::from_secs(2);
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// How long past PULL_EXPIRES a pull may stay silent before it is abandoned.
 const PULL_GRACE: Duration = Duration::from_millis(500);
+/// While events flow fast, how long the puller waits between pulls so that
+/// what was published meanwhile comes in one burst (decision 0033). A quiet
+/// or slow consumer is long-polled instead, which adds no delay.
+const FETCH_LINGER: Duration = Duration::from_millis(2);
+/// Events per second from which pulls turn to fetches after FETCH_LINGER
+/// (about 10 events per fetch); below it, each event goes on at once.
+const FETCH_FROM_RATE: f64 = 5_000.0;
 /// Consecutive pull errors while NATS is connected after which the consumer
 /// is taken as gone and bound again.
 const STUCK_AFTER_ERRORS: u32 = 3;
@@ -194,12 +201,31 @@ async fn pull(
         // stops, the pull in progress is read to its end and what it still
         // brings is handed back at once, so no message waits out ack_wait.
         let mut errors_in_row: u32 = 0;
+        // A long poll answers each event as it is published: no added delay,
+        // but a wake-up (here, in nats-server and down the line) per event.
+        // While a pull cycle brings FETCH_FROM_RATE or more, the next pull is
+        // a fetch, after FETCH_LINGER unless the last one was full, answered
+        // at once with everything waiting.
+        let mut flowing = false;
+        let mut linger = false;
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
+            let cycle = Instant::now();
+            if linger {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(FETCH_LINGER) => {}
+                }
+            }
             let room = semaphore.available_permits().clamp(1, batch_size);
-            let batch = consumer.batch().max_messages(room).expires(PULL_EXPIRES).messages().await;
+            let was_fetch = flowing;
+            let batch = if flowing {
+                consumer.fetch().max_messages(room).messages().await
+            } else {
+                consumer.batch().max_messages(room).expires(PULL_EXPIRES).messages().await
+            };
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -258,6 +284,9 @@ async fn pull(
             if handed_back > 0 {
                 tracing::info!(messages = handed_back, "handed messages back to JetStream");
             }
+            let full = received >= room;
+            flowing = !failed && received as f64 >= FETCH_FROM_RATE * cycle.elapsed().as_secs_f64();
+            linger = flowing && (!full || !was_fetch);
             if (failed || received == 0) && last_check.elapsed() >= CONSUMER_CHECK && !shutdown.is_cancelled() {
                 last_check = Instant::now();
                 let mut c = consumer.clone();
@@ -390,7 +419,7 @@ async fn process(ctx: &Arc<Ctx>, job: Job, settler: &mpsc::UnboundedSender<Pendi
         settle(&acker, AckKind::Term, seq).await;
         return;
     }
-    let retry = Retry { subject: subject_str.to_string(), seq, delivered };
+    let retry = Retry { subject: message.subject.clone(), seq, delivered };
     // The resolver answers every valid subject unless the router was already
     // stopping, and then the check above handed the message back.
     let Some(resolution) = resolution else {
@@ -428,14 +457,26 @@ async fn process(ctx: &Arc<Ctx>, job: Job, settler: &mpsc::UnboundedSender<Pendi
         stream_created_unix_nanos: ctx.stream_created.load(Ordering::Relaxed),
     };
     // Queued in stream order to every edge now; the acks are awaited apart,
-    // so this worker moves on to the next event at once.
-    let outcomes: Vec<(Arc<str>, Outcome)> =
-        edges.iter().map(|target| (target.pod.clone(), ctx.edges.deliver(target, event.clone()))).collect();
+    // so this worker moves on to the next event at once. One edge (the usual
+    // case) takes the event itself; more take clones.
     let ctx2 = ctx.clone();
-    let delivery: Pending = Box::pin(async move {
-        finish(&ctx2, &acker, outcomes, &retry, complete).await;
-        drop(slot);
-    });
+    let delivery: Pending = match &edges[..] {
+        [target] => {
+            let outcome = (target.pod.clone(), ctx.edges.deliver(target, event));
+            Box::pin(async move {
+                finish_one(&ctx2, &acker, outcome, &retry, complete).await;
+                drop(slot);
+            })
+        }
+        _ => {
+            let outcomes: Vec<(Arc<str>, Outcome)> =
+                edges.iter().map(|target| (target.pod.clone(), ctx.edges.deliver(target, event.clone()))).collect();
+            Box::pin(async move {
+                finish(&ctx2, &acker, outcomes, &retry, complete).await;
+                drop(slot);
+            })
+        }
+    };
     if let Err(unsent) = settler.send(delivery) {
         // Only while stopping: settle it here rather than lose track of it.
         unsent.0.await;
@@ -444,7 +485,7 @@ async fn process(ctx: &Arc<Ctx>, job: Job, settler: &mpsc::UnboundedSender<Pendi
 
 /// What a nak needs to report a message's last allowed delivery.
 struct Retry {
-    subject: String,
+    subject: async_nats::Subject,
     seq: u64,
     delivered: i64,
 }
@@ -470,17 +511,35 @@ async fn nak(ctx: &Ctx, acker: &Acker, retry: &Retry) {
 /// naks with a delay otherwise. Edges unreachable past the grace are
 /// settled (counted as undeliverable), never waited for.
 async fn finish(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, retry: &Retry, complete: bool) {
-    let seq = retry.seq;
     let timeout = ctx.ack_timeout();
-    let results = join_all(outcomes.into_iter().map(|(pod, outcome)| async move {
-        let result = match tokio::time::timeout(timeout, outcome).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(DeliveryError::Closed),
-            Err(_) => Err(DeliveryError::Timeout),
-        };
-        (pod, result)
-    }))
-    .await;
+    let results = join_all(outcomes.into_iter().map(|(pod, outcome)| async move { (pod, wait(timeout, outcome).await) }))
+        .await;
+    settle_results(ctx, acker, results, retry, complete).await;
+}
+
+/// [`finish`] for an event with one edge: no join, no vectors of outcomes.
+async fn finish_one(ctx: &Ctx, acker: &Acker, (pod, outcome): (Arc<str>, Outcome), retry: &Retry, complete: bool) {
+    let result = wait(ctx.ack_timeout(), outcome).await;
+    settle_results(ctx, acker, [(pod, result)], retry, complete).await;
+}
+
+/// An edge's answer for one event, or why there is none within `timeout`.
+async fn wait(timeout: Duration, outcome: Outcome) -> Result<(), DeliveryError> {
+    match tokio::time::timeout(timeout, outcome).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(DeliveryError::Closed),
+        Err(_) => Err(DeliveryError::Timeout),
+    }
+}
+
+async fn settle_results(
+    ctx: &Ctx,
+    acker: &Acker,
+    results: impl IntoIterator<Item = (Arc<str>, Result<(), DeliveryError>)>,
+    retry: &Retry,
+    complete: bool,
+) {
+    let seq = retry.seq;
     let mut failed = Vec::new();
     for (pod, result) in results {
         match result {

@@ -270,7 +270,7 @@ impl Routes {
         let incomplete = unconfirmed.iter().any(|u| !pods.iter().any(|(pod, _)| pod == u));
         for (pod, addr) in pods {
             if !addr.is_empty() {
-                live.push(EdgeTarget { pod: pod.into(), addr: addr.into() });
+                live.push(self.directory.target(&pod, &addr));
             } else if let Some(target) = self.directory.unregistered_target(&pod) {
                 // Registration gone (a frozen or restarted Redis) but not
                 // confirmed dead: still a member.
