@@ -38,13 +38,6 @@ const CONSUMER_CHECK: Duration = Duration::from_secs(2);
 const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// How long past PULL_EXPIRES a pull may stay silent before it is abandoned.
 const PULL_GRACE: Duration = Duration::from_millis(500);
-/// While events flow fast, how long the puller waits between pulls so that
-/// what was published meanwhile comes in one burst (decision 0033). A quiet
-/// or slow consumer is long-polled instead, which adds no delay.
-const FETCH_LINGER: Duration = Duration::from_millis(2);
-/// Events per second from which pulls turn to fetches after FETCH_LINGER
-/// (about 10 events per fetch); below it, each event goes on at once.
-const FETCH_FROM_RATE: f64 = 5_000.0;
 /// Consecutive pull errors while NATS is connected after which the consumer
 /// is taken as gone and bound again.
 const STUCK_AFTER_ERRORS: u32 = 3;
@@ -201,31 +194,12 @@ async fn pull(
         // stops, the pull in progress is read to its end and what it still
         // brings is handed back at once, so no message waits out ack_wait.
         let mut errors_in_row: u32 = 0;
-        // A long poll answers each event as it is published: no added delay,
-        // but a wake-up (here, in nats-server and down the line) per event.
-        // While a pull cycle brings FETCH_FROM_RATE or more, the next pull is
-        // a fetch, after FETCH_LINGER unless the last one was full, answered
-        // at once with everything waiting.
-        let mut flowing = false;
-        let mut linger = false;
         loop {
             if shutdown.is_cancelled() {
                 return;
             }
-            let cycle = Instant::now();
-            if linger {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(FETCH_LINGER) => {}
-                }
-            }
             let room = semaphore.available_permits().clamp(1, batch_size);
-            let was_fetch = flowing;
-            let batch = if flowing {
-                consumer.fetch().max_messages(room).messages().await
-            } else {
-                consumer.batch().max_messages(room).expires(PULL_EXPIRES).messages().await
-            };
+            let batch = consumer.batch().max_messages(room).expires(PULL_EXPIRES).messages().await;
             let mut batch = match batch {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -284,9 +258,6 @@ async fn pull(
             if handed_back > 0 {
                 tracing::info!(messages = handed_back, "handed messages back to JetStream");
             }
-            let full = received >= room;
-            flowing = !failed && received as f64 >= FETCH_FROM_RATE * cycle.elapsed().as_secs_f64();
-            linger = flowing && (!full || !was_fetch);
             if (failed || received == 0) && last_check.elapsed() >= CONSUMER_CHECK && !shutdown.is_cancelled() {
                 last_check = Instant::now();
                 let mut c = consumer.clone();
