@@ -483,8 +483,8 @@ async fn nak(ctx: &Ctx, acker: &Acker, retry: &Retry) {
 /// settled (counted as undeliverable), never waited for.
 async fn finish(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, retry: &Retry, complete: bool) {
     let timeout = ctx.ack_timeout();
-    let results = join_all(outcomes.into_iter().map(|(pod, outcome)| async move { (pod, wait(timeout, outcome).await) }))
-        .await;
+    let results =
+        join_all(outcomes.into_iter().map(|(pod, outcome)| async move { (pod, wait(timeout, outcome).await) })).await;
     settle_results(ctx, acker, results, retry, complete).await;
 }
 
