@@ -428,26 +428,18 @@ async fn process(ctx: &Arc<Ctx>, job: Job, settler: &mpsc::UnboundedSender<Pendi
         stream_created_unix_nanos: ctx.stream_created.load(Ordering::Relaxed),
     };
     // Queued in stream order to every edge now; the acks are awaited apart,
-    // so this worker moves on to the next event at once. One edge (the usual
-    // case) takes the event itself; more take clones.
+    // so this worker moves on to the next event at once. The last edge (the
+    // only one, usually) takes the event itself, the others clones.
+    let mut outcomes: Vec<(Arc<str>, Outcome)> = Vec::with_capacity(edges.len());
+    if let Some((last, others)) = edges.split_last() {
+        outcomes.extend(others.iter().map(|t| (t.pod.clone(), ctx.edges.deliver(t, event.clone()))));
+        outcomes.push((last.pod.clone(), ctx.edges.deliver(last, event)));
+    }
     let ctx2 = ctx.clone();
-    let delivery: Pending = match &edges[..] {
-        [target] => {
-            let outcome = (target.pod.clone(), ctx.edges.deliver(target, event));
-            Box::pin(async move {
-                finish_one(&ctx2, &acker, outcome, &retry, complete).await;
-                drop(slot);
-            })
-        }
-        _ => {
-            let outcomes: Vec<(Arc<str>, Outcome)> =
-                edges.iter().map(|target| (target.pod.clone(), ctx.edges.deliver(target, event.clone()))).collect();
-            Box::pin(async move {
-                finish(&ctx2, &acker, outcomes, &retry, complete).await;
-                drop(slot);
-            })
-        }
-    };
+    let delivery: Pending = Box::pin(async move {
+        finish(&ctx2, &acker, outcomes, &retry, complete).await;
+        drop(slot);
+    });
     if let Err(unsent) = settler.send(delivery) {
         // Only while stopping: settle it here rather than lose track of it.
         unsent.0.await;
@@ -482,35 +474,17 @@ async fn nak(ctx: &Ctx, acker: &Acker, retry: &Retry) {
 /// naks with a delay otherwise. Edges unreachable past the grace are
 /// settled (counted as undeliverable), never waited for.
 async fn finish(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, retry: &Retry, complete: bool) {
-    let timeout = ctx.ack_timeout();
-    let results =
-        join_all(outcomes.into_iter().map(|(pod, outcome)| async move { (pod, wait(timeout, outcome).await) })).await;
-    settle_results(ctx, acker, results, retry, complete).await;
-}
-
-/// [`finish`] for an event with one edge: no join, no vectors of outcomes.
-async fn finish_one(ctx: &Ctx, acker: &Acker, (pod, outcome): (Arc<str>, Outcome), retry: &Retry, complete: bool) {
-    let result = wait(ctx.ack_timeout(), outcome).await;
-    settle_results(ctx, acker, [(pod, result)], retry, complete).await;
-}
-
-/// An edge's answer for one event, or why there is none within `timeout`.
-async fn wait(timeout: Duration, outcome: Outcome) -> Result<(), DeliveryError> {
-    match tokio::time::timeout(timeout, outcome).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(DeliveryError::Closed),
-        Err(_) => Err(DeliveryError::Timeout),
-    }
-}
-
-async fn settle_results(
-    ctx: &Ctx,
-    acker: &Acker,
-    results: impl IntoIterator<Item = (Arc<str>, Result<(), DeliveryError>)>,
-    retry: &Retry,
-    complete: bool,
-) {
     let seq = retry.seq;
+    let timeout = ctx.ack_timeout();
+    let results = join_all(outcomes.into_iter().map(|(pod, outcome)| async move {
+        let result = match tokio::time::timeout(timeout, outcome).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(DeliveryError::Closed),
+            Err(_) => Err(DeliveryError::Timeout),
+        };
+        (pod, result)
+    }))
+    .await;
     let mut failed = Vec::new();
     for (pod, result) in results {
         match result {
