@@ -135,6 +135,11 @@ pub struct RouterConfig {
     pub nak_delay_ms: u64,
     /// Messages asked for in one pull.
     pub pull_batch_size: u32,
+    /// Under steady load, the router starts at most one chunk of pulled
+    /// messages per window, in milliseconds: what arrives meanwhile joins the
+    /// chunk, so route lookups, edge batches and acks run once per window
+    /// instead of once per event. 0 = every chunk at once.
+    pub chunk_window_ms: u64,
     /// PEM CA the edges' gRPC certificates chain to; set = TLS to edges.
     pub edge_tls_ca_file: String,
     /// PEM client certificate presented to edges (mutual TLS), with `router.edge_tls_key_file`.
@@ -159,6 +164,7 @@ impl Default for RouterConfig {
             edge_ack_timeout_ms: 2000,
             nak_delay_ms: 1000,
             pull_batch_size: 256,
+            chunk_window_ms: 1,
             edge_tls_ca_file: String::new(),
             edge_tls_cert_file: String::new(),
             edge_tls_key_file: String::new(),

@@ -134,7 +134,8 @@ pub async fn run(nats: async_nats::Client, jetstream: jetstream::Context, ctx: A
     let (to_resolver, from_puller) = mpsc::unbounded_channel();
     let (to_settler, from_resolver) = mpsc::unbounded_channel();
     let chunk = cfg.router.pull_batch_size.max(1) as usize;
-    let resolver = tokio::spawn(resolver(from_puller, ctx.clone(), to_settler, chunk));
+    let window = Duration::from_millis(cfg.router.chunk_window_ms);
+    let resolver = tokio::spawn(resolver(from_puller, ctx.clone(), to_settler, chunk, window));
     let mut settler = tokio::spawn(settler(from_resolver));
     pull(&nats, &jetstream, &cfg, &ctx, &to_resolver, semaphore, &bound).await;
     bound.send_replace(None);
@@ -299,14 +300,38 @@ type Pending = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// each to its edges, in pull order. While one chunk's round trip is in
 /// flight the next one gathers, so under load chunks grow and Redis calls
 /// per event fall; an idle router resolves chunks of one.
+///
+/// Under steady load a chunk starts at most once per `window`
+/// (`router.chunk_window_ms`): a message arriving sooner than that after the
+/// previous chunk's start waits out the rest of the window with whatever
+/// else arrives, so everything downstream (the lookup, each edge's batch and
+/// its fan-out, the acks) runs once per window rather than once per event.
+/// A message after a quiet spell goes at once.
 async fn resolver(
     mut rx: mpsc::UnboundedReceiver<Job>,
     ctx: Arc<Ctx>,
     settler: mpsc::UnboundedSender<Pending>,
     chunk: usize,
+    window: Duration,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(chunk);
+    let mut last_start: Option<Instant> = None;
     while rx.recv_many(&mut jobs, chunk).await > 0 {
+        if let Some(due) = last_start.map(|start| start + window)
+            && jobs.len() < chunk
+            && Instant::now() < due
+        {
+            tokio::time::sleep_until(due.into()).await;
+            while jobs.len() < chunk {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
+            }
+        }
+        if !window.is_zero() {
+            last_start = Some(Instant::now());
+        }
         if !ctx.shutdown.is_cancelled() {
             // Invalid subjects are left unresolved: their worker terminates them.
             let asked: Vec<(usize, Subject<'_>)> = jobs
