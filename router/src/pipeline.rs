@@ -301,12 +301,11 @@ type Pending = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// flight the next one gathers, so under load chunks grow and Redis calls
 /// per event fall; an idle router resolves chunks of one.
 ///
-/// Under steady load a chunk starts at most once per `window`
-/// (`router.chunk_window_ms`): a message arriving sooner than that after the
-/// previous chunk's start waits out the rest of the window with whatever
-/// else arrives, so everything downstream (the lookup, each edge's batch and
-/// its fan-out, the acks) runs once per window rather than once per event.
-/// A message after a quiet spell goes at once.
+/// Under steady load (see [`Pace`]) a chunk starts at most once per
+/// `window` (`router.chunk_window_ms`): what arrives sooner waits out the
+/// rest of the window with whatever else arrives, so everything downstream
+/// (the lookup, each edge's batch and its fan-out, the acks) runs once per
+/// window rather than once per event.
 async fn resolver(
     mut rx: mpsc::UnboundedReceiver<Job>,
     ctx: Arc<Ctx>,
@@ -315,11 +314,10 @@ async fn resolver(
     window: Duration,
 ) {
     let mut jobs: Vec<Job> = Vec::with_capacity(chunk);
-    let mut last_start: Option<Instant> = None;
+    let mut pace = Pace::new(window, Instant::now());
     while rx.recv_many(&mut jobs, chunk).await > 0 {
-        if let Some(due) = last_start.map(|start| start + window)
-            && jobs.len() < chunk
-            && Instant::now() < due
+        if jobs.len() < chunk
+            && let Some(due) = pace.hold_until(Instant::now())
         {
             tokio::time::sleep_until(due.into()).await;
             while jobs.len() < chunk {
@@ -329,9 +327,7 @@ async fn resolver(
                 }
             }
         }
-        if !window.is_zero() {
-            last_start = Some(Instant::now());
-        }
+        pace.started(Instant::now(), jobs.len());
         if !ctx.shutdown.is_cancelled() {
             // Invalid subjects are left unresolved: their worker terminates them.
             let asked: Vec<(usize, Subject<'_>)> = jobs
@@ -348,6 +344,55 @@ async fn resolver(
         }
         for job in jobs.drain(..) {
             process(&ctx, job, &settler).await;
+        }
+    }
+}
+
+/// When the resolver's next chunk may start. Steady load means at least
+/// [`Pace::DENSE_PER_WINDOW`] messages a window on average over the last
+/// [`Pace::PERIOD_WINDOWS`] windows or more; then a chunk starts no sooner
+/// than a window after the previous one. Sparser traffic (one event a
+/// millisecond to 100 sockets, say), the first period of a burst, and the
+/// first message after a quiet spell go at once, so pacing never delays an
+/// event it would not batch with others.
+struct Pace {
+    window: Duration,
+    last_start: Option<Instant>,
+    counted: usize,
+    counting_since: Instant,
+    dense: bool,
+}
+
+impl Pace {
+    const PERIOD_WINDOWS: u32 = 10;
+    const DENSE_PER_WINDOW: u128 = 2;
+
+    fn new(window: Duration, now: Instant) -> Self {
+        Self { window, last_start: None, counted: 0, counting_since: now, dense: false }
+    }
+
+    /// `Some(t)`: hold the chunk gathering at `now` until `t`.
+    fn hold_until(&self, now: Instant) -> Option<Instant> {
+        if !self.dense {
+            return None;
+        }
+        let due = self.last_start? + self.window;
+        (now < due).then_some(due)
+    }
+
+    /// A chunk of `messages` starts at `now`.
+    fn started(&mut self, now: Instant, messages: usize) {
+        if self.window.is_zero() {
+            return;
+        }
+        self.last_start = Some(now);
+        self.counted = self.counted.saturating_add(messages);
+        let elapsed = now.saturating_duration_since(self.counting_since);
+        if elapsed >= self.window * Self::PERIOD_WINDOWS {
+            // At least DENSE_PER_WINDOW per window: counted / elapsed >= DENSE / window.
+            self.dense = self.counted as u128 * self.window.as_nanos() >= Self::DENSE_PER_WINDOW * elapsed.as_nanos();
+            self.counted = 0;
+            self.counting_since = now;
         }
     }
 }
@@ -541,6 +586,70 @@ async fn finish(ctx: &Ctx, acker: &Acker, outcomes: Vec<(Arc<str>, Outcome)>, re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Feeds `pace` `messages` arriving one every `every` from `t0`: each
+    /// chunk starts when its first message arrives or when `hold_until` says,
+    /// and takes every message arrived by then. Returns the holds and when
+    /// the next message would arrive.
+    fn feed(pace: &mut Pace, t0: Instant, every: Duration, messages: u32) -> (Vec<Duration>, Instant) {
+        let arrival = |i: u32| t0 + every * i;
+        let mut holds = Vec::new();
+        let mut i = 0;
+        while i < messages {
+            let first = arrival(i);
+            let start = match pace.hold_until(first) {
+                Some(due) => {
+                    holds.push(due - first);
+                    due
+                }
+                None => first,
+            };
+            let mut taken = 0;
+            while i < messages && arrival(i) <= start {
+                i += 1;
+                taken += 1;
+            }
+            pace.started(start, taken);
+        }
+        (holds, arrival(messages))
+    }
+
+    #[test]
+    fn sparse_messages_are_never_held() {
+        let ms = Duration::from_millis(1);
+        let t0 = Instant::now();
+        let mut pace = Pace::new(ms, t0);
+        // One message a millisecond (a fanout of 1,000 events/s) for a second.
+        let (holds, _) = feed(&mut pace, t0, ms, 1000);
+        assert_eq!(holds, Vec::<Duration>::new());
+    }
+
+    #[test]
+    fn steady_load_starts_one_chunk_per_window_and_a_quiet_spell_ends_it() {
+        let ms = Duration::from_millis(1);
+        let t0 = Instant::now();
+        let mut pace = Pace::new(ms, t0);
+        // 10,000 messages a second: the first period (10 windows) goes at
+        // once, then each chunk waits out the rest of its window and takes
+        // the ten messages of that window.
+        let every = Duration::from_micros(100);
+        let (holds, t) = feed(&mut pace, t0, every, 100);
+        assert!(holds.is_empty(), "held during the first period: {holds:?}");
+        let (holds, t) = feed(&mut pace, t, every, 1000);
+        assert_eq!(holds.len(), 100, "{holds:?}");
+        assert!(holds.iter().all(|h| *h == ms - every), "{holds:?}");
+        // After a quiet spell, messages a window apart are not held.
+        let (holds, _) = feed(&mut pace, t + Duration::from_millis(50), ms, 100);
+        assert!(holds.is_empty(), "{holds:?}");
+    }
+
+    #[test]
+    fn a_zero_window_never_holds() {
+        let t0 = Instant::now();
+        let mut pace = Pace::new(Duration::ZERO, t0);
+        let (holds, _) = feed(&mut pace, t0, Duration::from_micros(10), 10_000);
+        assert!(holds.is_empty());
+    }
 
     #[test]
     fn log_limiter_allows_once_per_period() {
