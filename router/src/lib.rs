@@ -11,6 +11,7 @@ pub mod edges;
 pub mod jetstream;
 pub mod metrics;
 pub mod pipeline;
+pub mod pull;
 pub mod routes;
 
 use std::net::SocketAddr;

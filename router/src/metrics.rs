@@ -71,6 +71,10 @@ pub struct RouterMetrics {
     pub max_deliver_exhausted: Tally,
     /// Messages without JetStream metadata (terminated).
     pub no_metadata: Tally,
+    /// Pull requests written off without the server's end status (decision
+    /// 0035): partly served ones on nats-server 2.9, ones it forgot before
+    /// 2.9.16, and those a server that stopped answering still held.
+    pub pull_requests_written_off: Tally,
     /// Messages pulled and not yet acked, nak'ed or terminated.
     pub in_flight: Gauge,
 }
@@ -102,6 +106,7 @@ impl RouterMetrics {
             consumer_recreated: Tally::new(counter!("dws_router_jetstream_recreated_total", "object" => "consumer")),
             max_deliver_exhausted: Tally::new(counter!("dws_router_max_deliver_exhausted_total")),
             no_metadata: Tally::new(counter!("dws_router_no_metadata_total")),
+            pull_requests_written_off: Tally::new(counter!("dws_router_pull_requests_written_off_total")),
             in_flight: gauge!("dws_router_in_flight_messages"),
         }
     }
@@ -126,6 +131,7 @@ impl RouterMetrics {
             consumer_recreated: self.consumer_recreated.get(),
             max_deliver_exhausted: self.max_deliver_exhausted.get(),
             no_metadata: self.no_metadata.get(),
+            pull_requests_written_off: self.pull_requests_written_off.get(),
         }
     }
 }
@@ -156,4 +162,5 @@ pub struct RouterStats {
     pub consumer_recreated: u64,
     pub max_deliver_exhausted: u64,
     pub no_metadata: u64,
+    pub pull_requests_written_off: u64,
 }

@@ -27,17 +27,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::edges::{DeliveryError, Edges, Outcome};
 use crate::metrics::RouterMetrics;
+use crate::pull::{Pulled, Puller};
 use crate::routes::{Resolution, RouteError, Routes};
 
 /// How often a pull loop that receives nothing checks that its consumer
 /// still exists (an operator may have deleted it).
 const CONSUMER_CHECK: Duration = Duration::from_secs(2);
 
-/// How long one pull waits for messages before the next is issued; also the
-/// longest a stopping router keeps reading (and handing back) its last pull.
-const PULL_EXPIRES: Duration = Duration::from_secs(1);
-/// How long past PULL_EXPIRES a pull may stay silent before it is abandoned.
-const PULL_GRACE: Duration = Duration::from_millis(500);
 /// Consecutive pull errors while NATS is connected after which the consumer
 /// is taken as gone and bound again.
 const STUCK_AFTER_ERRORS: u32 = 3;
@@ -169,6 +165,21 @@ async fn pull(
     let shutdown = &ctx.shutdown;
     let batch_size = cfg.router.pull_batch_size.max(1) as usize;
     let mut failures: u32 = 0;
+    // One inbox for every binding: what the requests of a binding given up
+    // on still bring arrives there and is handled, not lost to ack_wait.
+    let mut puller = loop {
+        match Puller::new(nats.clone(), batch_size, ctx.metrics.clone()).await {
+            Ok(puller) => break puller,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not subscribe the pull inbox; retrying");
+                failures = failures.saturating_add(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(crate::jetstream::backoff(failures)) => {}
+                }
+            }
+        }
+    };
     let mut first_bind = true;
     loop {
         let Some(b) = crate::jetstream::bind(jetstream, &cfg.nats, shutdown).await else { return };
@@ -190,99 +201,79 @@ async fn pull(
         if failures > 0 {
             tracing::info!("pulling from JetStream again");
         }
-        let mut last_check = Instant::now();
-        // Short, finite pulls (not an endless pull stream): when the router
-        // stops, the pull in progress is read to its end and what it still
-        // brings is handed back at once, so no message waits out ack_wait.
+        puller.reset();
+        // When the router stops, no request is sent any more, and what the
+        // outstanding ones still bring is handed back at once (nak), so no
+        // message waits out ack_wait.
         let mut errors_in_row: u32 = 0;
+        let mut handed_back = 0u32;
+        let mut last_message = Instant::now();
+        let mut last_check = Instant::now();
         loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
             let room = semaphore.available_permits().clamp(1, batch_size);
-            let batch = consumer.batch().max_messages(room).expires(PULL_EXPIRES).messages().await;
-            let mut batch = match batch {
-                Ok(batch) => batch,
-                Err(e) => {
+            let Some(pulled) = puller.next(&consumer, room, shutdown, last_check + CONSUMER_CHECK).await else {
+                if handed_back > 0 {
+                    tracing::info!(messages = handed_back, "handed messages back to JetStream");
+                }
+                return;
+            };
+            match pulled {
+                Pulled::Message(message) => {
+                    errors_in_row = 0;
+                    failures = 0;
+                    last_message = Instant::now();
+                    let message = jetstream::Message { message, context: jetstream.clone() };
+                    let permit = tokio::select! {
+                        biased;
+                        _ = shutdown.cancelled() => None,
+                        p = semaphore.clone().acquire_owned() => p.ok(),
+                    };
+                    let Some(permit) = permit else {
+                        // Stopping: another replica gets it now, not after ack_wait.
+                        if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
+                            tracing::debug!(error = %e, "could not hand a message back");
+                        }
+                        handed_back += 1;
+                        continue;
+                    };
+                    ctx.metrics.in_flight.increment(1.0);
+                    let slot = Slot { _permit: permit, gauge: ctx.metrics.in_flight.clone() };
+                    if resolver.send(Job { message, slot, resolution: None }).is_err() {
+                        return;
+                    }
+                }
+                Pulled::Wake => {
+                    last_check = Instant::now();
+                    if last_message.elapsed() >= CONSUMER_CHECK && !shutdown.is_cancelled() {
+                        let mut c = consumer.clone();
+                        let info = tokio::time::timeout(crate::jetstream::API_TIMEOUT, c.info()).await;
+                        if !matches!(info, Ok(Ok(_))) && daisi_common::deps::nats_connected(nats).is_ok() {
+                            tracing::warn!("the durable consumer does not answer while NATS does; binding it again");
+                            break;
+                        }
+                    }
+                }
+                Pulled::ConsumerDeleted => {
+                    tracing::warn!("the durable consumer was deleted; binding it again");
+                    break;
+                }
+                Pulled::Refused(reason) => {
                     if errors_in_row == 0 {
-                        tracing::warn!(error = %e, "could not pull; retrying");
+                        tracing::warn!(%reason, "could not pull; retrying");
                     }
                     errors_in_row = errors_in_row.saturating_add(1);
                     if errors_in_row >= STUCK_AFTER_ERRORS && daisi_common::deps::nats_connected(nats).is_ok() {
-                        break; // NATS answers but pulls fail: the consumer may be gone.
+                        tracing::warn!("pulls keep failing while NATS answers");
+                        break; // The consumer may be gone.
                     }
                     tokio::select! {
-                        _ = shutdown.cancelled() => return,
+                        _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep(crate::jetstream::backoff(errors_in_row.min(3))) => {}
                     }
-                    continue;
                 }
-            };
-            let mut handed_back = 0u32;
-            let mut failed = false;
-            let mut received = 0usize;
-            loop {
-                // The server ends a pull within PULL_EXPIRES; if its answer
-                // never comes (NATS restarted mid-pull), stop waiting soon.
-                let next = match tokio::time::timeout(PULL_EXPIRES + PULL_GRACE, batch.next()).await {
-                    Ok(Some(next)) => next,
-                    Ok(None) | Err(_) => break,
-                };
-                let message = match next {
-                    Ok(message) => message,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "pull interrupted");
-                        failed = true;
-                        break;
-                    }
-                };
-                received += 1;
-                let permit = tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => None,
-                    p = semaphore.clone().acquire_owned() => p.ok(),
-                };
-                let Some(permit) = permit else {
-                    // Stopping: another replica gets it now, not after ack_wait.
-                    if let Err(e) = message.ack_with(AckKind::Nak(None)).await {
-                        tracing::debug!(error = %e, "could not hand a message back");
-                    }
-                    handed_back += 1;
-                    continue;
-                };
-                ctx.metrics.in_flight.increment(1.0);
-                let slot = Slot { _permit: permit, gauge: ctx.metrics.in_flight.clone() };
-                if resolver.send(Job { message, slot, resolution: None }).is_err() {
-                    return;
-                }
-            }
-            if handed_back > 0 {
-                tracing::info!(messages = handed_back, "handed messages back to JetStream");
-            }
-            if (failed || received == 0) && last_check.elapsed() >= CONSUMER_CHECK && !shutdown.is_cancelled() {
-                last_check = Instant::now();
-                let mut c = consumer.clone();
-                let info = tokio::time::timeout(crate::jetstream::API_TIMEOUT, c.info()).await;
-                if !matches!(info, Ok(Ok(_))) && daisi_common::deps::nats_connected(nats).is_ok() {
-                    tracing::warn!("the durable consumer does not answer while NATS does; binding it again");
-                    break;
-                }
-            }
-            if failed {
-                errors_in_row = errors_in_row.saturating_add(1);
-                if errors_in_row >= STUCK_AFTER_ERRORS && daisi_common::deps::nats_connected(nats).is_ok() {
-                    break;
-                }
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(crate::jetstream::backoff(errors_in_row.min(3))) => {}
-                }
-            } else {
-                failures = 0;
-                errors_in_row = 0;
             }
         }
-        tracing::warn!("pulls keep failing while NATS answers; binding the consumer again");
+        tracing::warn!("binding the durable consumer again");
         bound.send_replace(None);
         failures = failures.saturating_add(1);
         tokio::select! {

@@ -170,6 +170,38 @@ async fn a_nats_restart_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_nats_server_loses_nothing_and_delivery_resumes_when_it_thaws() {
+    // Frozen longer than a pull's expiry, the router's bound on a silent
+    // server, its consumer check and the clients' ping timeout (6 s): the
+    // pull requests the frozen server holds must neither stall delivery
+    // after it thaws nor flood the router. What a server sends on a
+    // connection its client has just declared dead is redelivered at
+    // ack_wait, shortened here so that case is waited for too.
+    let env = Env::start_with(|c| c.nats.consumer_ack_wait_seconds = 5);
+    let router = env.router().await;
+    let edge = env.edge().await;
+    let mut u = user(edge.edge(), "c1", "a1", "u").await;
+    env.wait_registry_complete().await;
+    let js = env.js().await;
+    let subject = names::chats_subject("c1", "a1");
+    let seq = publish_json(&js, &subject, &json!({"before": true})).await;
+    assert_eq!(u.event(WAIT).await["seq"], seq);
+
+    env.nats.freeze();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    env.nats.thaw();
+    let mut published = BTreeSet::new();
+    for i in 0..20 {
+        published.insert(publish_json(&js, &subject, &json!({"i": i})).await);
+    }
+    assert_eq!(distinct_seqs(&mut u, 20, "after NATS thawed").await, published);
+    assert!(router.stats().pull_requests_written_off > 0, "the router noticed the silent server");
+    wait_ready(router.http_addr()).await;
+    env.wait_settled().await;
+    u.expect_silence(QUIET).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_edge_does_not_stall_delivery_to_another_edge() {
     // Deliveries to the dead edge are nak'ed and redelivered every nak delay
     // until its grace runs out; with nats-server 2.9 such churn can strand

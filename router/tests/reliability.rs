@@ -298,6 +298,7 @@ async fn a_healthy_start_counts_no_failure_and_every_listed_metric_is_there() {
         "dws_router_jetstream_recreated_total",
         "dws_router_max_deliver_exhausted_total",
         "dws_router_no_metadata_total",
+        "dws_router_pull_requests_written_off_total",
         "dws_router_dead_edges_total",
         "dws_config_reloads_total",
     ] {

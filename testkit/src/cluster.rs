@@ -698,13 +698,15 @@ impl NatsCluster {
                 .iter()
                 .zip(&self.monitor_ports)
                 .filter(|(n, _)| n.running())
-                .find(|(_, m)| !http_get(**m, "/healthz").contains("\"ok\""))
-                .map(|(n, _)| n.port);
+                .map(|(n, m)| (n.port, http_get(*m, "/healthz")))
+                .find(|(_, body)| !body.contains("\"ok\""));
             if unhealthy.is_none() && self.meta_leader().is_some() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("NATS cluster not healthy within {within:?} (node {unhealthy:?})"));
+                let (port, body) = unhealthy.unwrap_or_default();
+                let body = body.rsplit("\r\n\r\n").next().unwrap_or_default().trim().to_string();
+                return Err(format!("NATS cluster not healthy within {within:?} (node {port}: {body})"));
             }
             std::thread::sleep(Duration::from_millis(100));
         }

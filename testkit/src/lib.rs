@@ -199,6 +199,15 @@ impl NatsServer {
     pub fn restart(&mut self) {
         self.0.restart();
     }
+    /// SIGSTOP: frozen with its connections open (a paused VM, a stuck
+    /// disk); it answers nothing until [`NatsServer::thaw`].
+    pub fn freeze(&self) {
+        self.0.signal("STOP");
+    }
+    /// SIGCONT after [`NatsServer::freeze`].
+    pub fn thaw(&self) {
+        self.0.signal("CONT");
+    }
 }
 
 /// A `redis-server` owned by the test, keeping nothing on disk: a restart
