@@ -30,17 +30,18 @@ pub const PULL_EXPIRES: Duration = Duration::from_secs(1);
 /// The next request is sent once the newest one expires within this, so one
 /// is always waiting at the server when another expires.
 pub const OVERLAP: Duration = Duration::from_millis(250);
-/// How long past its expiry a request may go without its end status, while
-/// the server is heard from, before it is written off (nats-server 2.9
-/// sends no `408` for a request that was partly served, and before 2.9.16
-/// none for one it forgot).
+/// How long past its expiry a request that still had messages to bring may
+/// go without its `408` before it is counted as written off
+/// (`dws_router_pull_requests_written_off_total`): nats-server 2.9 sends no
+/// `408` for a request that was partly served, and before 2.9.16 none for
+/// one it forgot. The count is for operators; the credit itself ends every
+/// request at its expiry.
 pub const LATE: Duration = Duration::from_millis(100);
 /// How long past its expiry a request may go unanswered while the server
 /// sends nothing at all before the server is taken as not answering (frozen,
-/// its consumer leader gone, cut off): the requests are written off and
-/// the next ones ask for a single message until the server is heard again,
-/// so a frozen server does not collect a pile of full requests to serve the
-/// moment it thaws.
+/// its consumer leader gone, cut off): the next requests ask for a single
+/// message until the server is heard again, so a frozen server does not
+/// collect a pile of full requests to serve the moment it thaws.
 pub const SILENT: Duration = Duration::from_secs(1);
 /// Requests outstanding at once, at most.
 pub const MAX_REQUESTS: usize = 2;
@@ -60,34 +61,38 @@ impl Request {
     }
 }
 
-/// What [`Credit::lapse`] found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Lapse {
-    /// Nothing to write off.
-    None,
-    /// Requests past their expiry whose end status never came although the
-    /// server was heard from since they were sent: written off.
-    WrittenOff(usize),
-    /// The server sent nothing since a request that is now [`SILENT`] past
-    /// its expiry: these requests were written off, and the next ones probe.
-    Silent(usize),
-}
-
 /// The outstanding pull requests, and when to send the next.
+///
+/// A request ends at its expiry on the router's clock, whatever the server
+/// said: the server's own expiry is a little later (it counts from when the
+/// request arrived), so a request can never be believed outstanding after
+/// the server let it go. Counting messages against the oldest request is
+/// only exact while the server and the router agree on which requests are
+/// alive; a request the server let go silently (2.9 sends no `408` for a
+/// partly served one) would otherwise soak up the next request's messages,
+/// and the error would pass from request to request, each popped by its
+/// count before it could expire, leaving the router believing messages were
+/// owed that never came: one request per [`OVERLAP`] point, a few hundred
+/// events a second, at any load. Ending requests at their expiry bounds any
+/// miscount to one request's life; what remains is a message counted
+/// against a younger request than it served, which only makes the router
+/// ask a little early.
 #[derive(Debug)]
 pub struct Credit {
-    /// Oldest first.
+    /// Alive (not past their expiry), oldest first.
     requests: VecDeque<Request>,
-    /// When the server last sent anything to the inbox.
-    heard: Option<Instant>,
-    /// The server went silent: ask for one message at a time until it is heard.
-    probing: bool,
+    /// Send times of expired requests that still had messages to bring and
+    /// whose `408` has not come yet, oldest first (for the written-off count).
+    unconfirmed: VecDeque<Instant>,
+    /// When the first request sent since the server was last heard from
+    /// went out (`None`: the server answered since the last request).
+    unanswered_since: Option<Instant>,
     batch: usize,
 }
 
 impl Credit {
     pub fn new(batch: usize) -> Self {
-        Self { requests: VecDeque::new(), heard: None, probing: false, batch: batch.max(1) }
+        Self { requests: VecDeque::new(), unconfirmed: VecDeque::new(), unanswered_since: None, batch: batch.max(1) }
     }
 
     /// Messages the outstanding requests may still bring.
@@ -95,9 +100,16 @@ impl Credit {
         self.requests.iter().map(|r| r.remaining).sum()
     }
 
-    /// Requests outstanding.
+    /// Requests alive, plus expired ones whose `408` may still come: a
+    /// stopping router waits for them, so nothing they bring waits out ack_wait.
     pub fn requests(&self) -> usize {
-        self.requests.len()
+        self.requests.len() + self.unconfirmed.len()
+    }
+
+    /// The server sent nothing since a request that is now [`SILENT`] past
+    /// its expiry: requests ask for one message.
+    pub fn probing(&self, now: Instant) -> bool {
+        self.unanswered_since.is_some_and(|sent| now >= sent + PULL_EXPIRES + SILENT)
     }
 
     /// The size of the request to send now, if one is due: nothing is
@@ -113,21 +125,22 @@ impl Credit {
             None => true,
             Some(newest) => self.outstanding() * 2 <= self.batch || newest.expires() <= now + OVERLAP,
         };
-        due.then(|| if self.probing { 1 } else { room.clamp(1, self.batch) })
+        due.then(|| if self.probing(now) { 1 } else { room.clamp(1, self.batch) })
     }
 
     /// A request for `n` messages was sent.
     pub fn sent(&mut self, now: Instant, n: usize) {
         self.requests.push_back(Request { sent: now, remaining: n });
+        self.unanswered_since.get_or_insert(now);
     }
 
     /// The server sent something (a message or a status).
-    pub fn heard(&mut self, now: Instant) {
-        self.heard = Some(now);
-        self.probing = false;
+    pub fn heard(&mut self) {
+        self.unanswered_since = None;
     }
 
-    /// A message arrived: one less outstanding.
+    /// A message arrived: one less outstanding (nothing, if it served a
+    /// request already past its expiry here, or one sent before a reset).
     pub fn message(&mut self) {
         if let Some(oldest) = self.requests.front_mut() {
             oldest.remaining = oldest.remaining.saturating_sub(1);
@@ -137,10 +150,17 @@ impl Credit {
         }
     }
 
-    /// The server ended a request (`408` at its expiry, or a `409`): the
-    /// oldest, since all expire after the same time in the order sent.
-    pub fn ended(&mut self) {
-        self.requests.pop_front();
+    /// A `408`: a request ended at its expiry, which here has already passed.
+    pub fn timed_out(&mut self) {
+        self.unconfirmed.pop_front();
+    }
+
+    /// The server ended a request early (a `409`: leadership change, too
+    /// many waiting): the oldest.
+    pub fn terminated(&mut self) {
+        if self.requests.pop_front().is_none() {
+            self.unconfirmed.pop_front();
+        }
     }
 
     /// The newest request had no responder (`503`): it is not outstanding.
@@ -151,43 +171,47 @@ impl Credit {
     /// Forgets every request (the connection was replaced, or the consumer bound again).
     pub fn reset(&mut self) {
         self.requests.clear();
+        self.unconfirmed.clear();
     }
 
-    /// Writes off requests the server forgot; see [`Lapse`].
-    pub fn lapse(&mut self, now: Instant) -> Lapse {
-        let mut written_off = 0;
-        while let Some(oldest) = self.requests.front() {
-            if now < oldest.expires() + LATE {
-                break;
+    /// Ends the requests past their expiry; returns how many expired ones
+    /// went [`LATE`] past it without their `408` (written off).
+    pub fn expire(&mut self, now: Instant) -> usize {
+        while let Some(oldest) = self.requests.front()
+            && now >= oldest.expires()
+        {
+            if oldest.remaining > 0 {
+                self.unconfirmed.push_back(oldest.sent);
             }
-            if self.heard.is_some_and(|h| h > oldest.sent) {
-                self.requests.pop_front();
-                written_off += 1;
-            } else if now >= oldest.expires() + SILENT {
-                let n = written_off + self.requests.len();
-                self.requests.clear();
-                self.probing = true;
-                return Lapse::Silent(n);
-            } else {
-                break;
-            }
+            self.requests.pop_front();
         }
-        if written_off > 0 { Lapse::WrittenOff(written_off) } else { Lapse::None }
+        let mut written_off = 0;
+        while let Some(&sent) = self.unconfirmed.front()
+            && now >= sent + PULL_EXPIRES + LATE
+        {
+            self.unconfirmed.pop_front();
+            written_off += 1;
+        }
+        written_off
     }
 
-    /// When [`Credit::want`] (unless `stopping`) or [`Credit::lapse`] next
-    /// has something to do if nothing arrives meanwhile (`None`: no request
-    /// is outstanding, so one is due now unless stopping).
+    /// When [`Credit::want`] (unless `stopping`) or [`Credit::expire`] next
+    /// has something to do if nothing arrives meanwhile (`None`: nothing is
+    /// outstanding, so a request is due now unless stopping).
     pub fn next_deadline(&self, stopping: bool) -> Option<Instant> {
-        let newest = self.requests.back()?;
-        let oldest = self.requests.front()?;
-        let lapse = if self.heard.is_some_and(|h| h > oldest.sent) {
-            oldest.expires() + LATE
-        } else {
-            oldest.expires() + SILENT
+        let expiry = self.requests.front().map(Request::expires);
+        let unconfirmed = self.unconfirmed.front().map(|&sent| sent + PULL_EXPIRES + LATE);
+        let overlap = match self.requests.back() {
+            Some(newest) if !stopping && self.requests.len() < MAX_REQUESTS => {
+                Some(newest.sent + (PULL_EXPIRES - OVERLAP))
+            }
+            _ => None,
         };
-        let overlap = (!stopping && self.requests.len() < MAX_REQUESTS).then(|| newest.sent + (PULL_EXPIRES - OVERLAP));
-        Some(overlap.map_or(lapse, |o| o.min(lapse)))
+        if expiry.is_none() && !stopping {
+            // Nothing alive: a request is due now.
+            return None;
+        }
+        [expiry, unconfirmed, overlap].into_iter().flatten().min()
     }
 }
 
@@ -216,6 +240,8 @@ pub struct Puller {
     connects: u64,
     sleep: Pin<Box<Sleep>>,
     armed: Instant,
+    /// The credit was probing when last looked at (to log the change once).
+    probing: bool,
     metrics: Arc<RouterMetrics>,
 }
 
@@ -239,6 +265,7 @@ impl Puller {
             connects,
             sleep: Box::pin(tokio::time::sleep_until(armed.into())),
             armed,
+            probing: false,
             metrics,
         })
     }
@@ -268,14 +295,15 @@ impl Puller {
                 self.connects = connects;
                 self.credit.reset();
             }
-            match self.credit.lapse(now) {
-                Lapse::None => {}
-                Lapse::WrittenOff(n) => self.metrics.pull_requests_written_off.add(n as u64),
-                Lapse::Silent(n) => {
-                    self.metrics.pull_requests_written_off.add(n as u64);
-                    tracing::debug!(requests = n, "NATS sent nothing past a pull's expiry; probing");
-                }
+            let written_off = self.credit.expire(now);
+            if written_off > 0 {
+                self.metrics.pull_requests_written_off.add(written_off as u64);
             }
+            let probing = self.credit.probing(now);
+            if probing && !self.probing {
+                tracing::debug!("NATS sent nothing past a pull's expiry; probing");
+            }
+            self.probing = probing;
             let stopping = shutdown.is_cancelled();
             if stopping {
                 if self.credit.requests() == 0 {
@@ -321,19 +349,24 @@ impl Puller {
             // The client closed the subscription (only when the client itself is gone).
             return Some(Pulled::Refused("the pull inbox was closed".into()));
         };
-        self.credit.heard(Instant::now());
+        self.credit.expire(Instant::now());
+        self.credit.heard();
         match message.status {
             None | Some(StatusCode::OK) => {
                 self.credit.message();
                 Some(Pulled::Message(message))
             }
             Some(StatusCode::IDLE_HEARTBEAT) => None,
-            Some(StatusCode::TIMEOUT) | Some(StatusCode::NOT_FOUND) => {
-                self.credit.ended();
+            Some(StatusCode::TIMEOUT) => {
+                self.credit.timed_out();
+                None
+            }
+            Some(StatusCode::NOT_FOUND) => {
+                self.credit.terminated();
                 None
             }
             Some(StatusCode::REQUEST_TERMINATED) => {
-                self.credit.ended();
+                self.credit.terminated();
                 let description = message.description.unwrap_or_default();
                 if description == "Consumer Deleted" {
                     Some(Pulled::ConsumerDeleted)
@@ -350,7 +383,7 @@ impl Puller {
                 Some(Pulled::Refused("JetStream did not answer the pull request (no responders)".into()))
             }
             Some(status) => {
-                self.credit.ended();
+                self.credit.terminated();
                 Some(Pulled::Refused(format!("pull ended with status {status} {:?}", message.description)))
             }
         }
@@ -376,6 +409,7 @@ mod tests {
         c.sent(overlap_at, 256);
         assert!(overlap_at + OVERLAP <= t0 + PULL_EXPIRES, "sent before the first expired");
         assert_eq!(c.want(overlap_at + MS, 1024), None, "at most {MAX_REQUESTS} requests");
+        assert_eq!(c.next_deadline(false), Some(t0 + PULL_EXPIRES), "the first ends at its expiry");
     }
 
     #[test]
@@ -403,65 +437,135 @@ mod tests {
         assert_eq!(c.requests(), 0);
         assert_eq!(c.outstanding(), 0);
         assert_eq!(c.want(t0, 10), Some(2));
+        assert_eq!(c.expire(t0 + 2 * PULL_EXPIRES), 0, "nothing owed, nothing written off");
     }
 
     #[test]
-    fn a_request_forgotten_by_a_live_server_is_written_off_just_after_its_expiry() {
-        // nats-server 2.9: the request expires as a message becomes ready;
-        // the message goes to the next request and no 408 ever comes.
+    fn a_request_ends_at_its_expiry_and_is_written_off_if_its_408_never_comes() {
+        // nats-server 2.9: a partly served request expires without a 408.
         let t0 = Instant::now();
         let mut c = Credit::new(256);
         c.sent(t0, 256);
         let t1 = t0 + PULL_EXPIRES - OVERLAP;
         c.sent(t1, 256);
-        c.heard(t0 + PULL_EXPIRES + 5 * MS);
+        c.heard();
         c.message();
-        assert_eq!(c.lapse(t0 + PULL_EXPIRES + 50 * MS), Lapse::None, "its 408 may still be on its way");
+        assert_eq!(c.expire(t0 + PULL_EXPIRES), 0, "its 408 may still be on its way");
+        assert_eq!(c.outstanding(), 256, "only the younger request is believed outstanding");
+        assert_eq!(c.requests(), 2, "one alive, one awaiting its 408");
         assert_eq!(c.next_deadline(false), Some(t0 + PULL_EXPIRES + LATE));
-        assert_eq!(c.lapse(t0 + PULL_EXPIRES + LATE), Lapse::WrittenOff(1));
-        assert_eq!(c.requests(), 1, "the younger request still waits for messages");
-        assert_eq!(c.want(t0 + PULL_EXPIRES + LATE, 1024), None);
-        assert_eq!(c.next_deadline(false), Some(t1 + PULL_EXPIRES - OVERLAP), "and is followed up before it expires");
+        assert_eq!(c.expire(t0 + PULL_EXPIRES + LATE), 1);
+        assert_eq!(c.requests(), 1);
+        assert_eq!(
+            c.next_deadline(false),
+            Some(t1 + PULL_EXPIRES - OVERLAP),
+            "the younger is followed up before it expires"
+        );
     }
 
     #[test]
-    fn a_408_ends_the_oldest_request() {
+    fn a_408_confirms_an_expired_request() {
         let t0 = Instant::now();
         let mut c = Credit::new(256);
         c.sent(t0, 256);
         c.sent(t0 + 750 * MS, 256);
-        c.heard(t0 + PULL_EXPIRES);
-        c.ended();
+        assert_eq!(c.expire(t0 + PULL_EXPIRES + MS), 0);
+        c.heard();
+        c.timed_out();
         assert_eq!(c.requests(), 1);
-        assert_eq!(c.lapse(t0 + PULL_EXPIRES + LATE), Lapse::None, "the remaining one is young");
-        assert_eq!(c.next_deadline(false), Some(t0 + 750 * MS + PULL_EXPIRES - OVERLAP));
+        assert_eq!(c.outstanding(), 256, "the 408 is not taken from the younger request");
+        assert_eq!(c.expire(t0 + PULL_EXPIRES + LATE), 0, "confirmed, not written off");
+    }
+
+    /// A nats-server 2.9 in miniature: it serves waiting requests in turn
+    /// from a backlog, `per_ms` messages a millisecond, and lets a request go
+    /// at its expiry silently when it was partly served.
+    struct Server {
+        waiting: VecDeque<(Instant, usize)>,
+        backlog: usize,
+    }
+
+    impl Server {
+        /// Messages sent during the millisecond ending at `now`.
+        fn serve(&mut self, now: Instant, per_ms: usize) -> usize {
+            self.waiting.retain(|&(expires, _)| now < expires);
+            let mut sent = 0;
+            while sent < per_ms && self.backlog > 0 {
+                let Some(front) = self.waiting.front_mut() else { break };
+                front.1 -= 1;
+                self.backlog -= 1;
+                sent += 1;
+                if front.1 == 0 {
+                    self.waiting.pop_front();
+                }
+            }
+            sent
+        }
+    }
+
+    #[test]
+    fn a_request_the_server_let_go_silently_does_not_throttle_a_busy_stream() {
+        // The bug this design fixes: an expired, partly served request went
+        // on soaking up the messages of every later one, and the router
+        // asked once per overlap point: 256 events per 750 ms at any load.
+        let t0 = Instant::now();
+        let mut c = Credit::new(256);
+        // The server gets each request 1 ms after it is sent, so its expiry is 1 ms later too.
+        let mut server = Server { waiting: VecDeque::new(), backlog: 0 };
+        let mut delivered_after_burst = 0;
+        for ms in 0..6_000u32 {
+            let now = t0 + ms * MS;
+            // One event that partly serves the first request, then a
+            // backlog of 100,000 just after that request expired at the
+            // server (before its 408 would be given up on).
+            if ms == 300 {
+                server.backlog += 1;
+            }
+            if ms == 1_040 {
+                server.backlog += 100_000;
+            }
+            let sent = server.serve(now, 20);
+            if ms >= 1_040 {
+                delivered_after_burst += sent;
+            }
+            c.expire(now);
+            for _ in 0..sent {
+                c.heard();
+                c.message();
+            }
+            if let Some(n) = c.want(now, 1024) {
+                c.sent(now, n);
+                server.waiting.push_back((now + PULL_EXPIRES + MS, n));
+            }
+        }
+        // ≈ 5 s at 20 a millisecond, less round trips; 256 per 750 ms would be ≈ 1,700.
+        assert!(delivered_after_burst > 80_000, "only {delivered_after_burst} delivered after the burst");
     }
 
     #[test]
     fn a_silent_server_is_probed_with_single_messages_until_it_answers() {
         let t0 = Instant::now();
         let mut c = Credit::new(256);
-        c.heard(t0);
-        c.sent(t0 + MS, 256);
-        c.sent(t0 + 751 * MS, 256);
-        // Frozen: nothing comes back.
-        for ms in [1_000, 1_200, 1_900] {
-            let now = t0 + ms * MS;
-            assert_eq!(c.lapse(now), Lapse::None, "at {ms} ms");
-            assert_eq!(c.want(now, 1024), None, "no request piles up at {ms} ms");
-        }
-        assert_eq!(c.next_deadline(false), Some(t0 + MS + PULL_EXPIRES + SILENT));
-        let silent_at = t0 + MS + PULL_EXPIRES + SILENT;
-        assert_eq!(c.lapse(silent_at), Lapse::Silent(2));
+        c.sent(t0, 256);
+        c.heard();
+        c.sent(t0 + 750 * MS, 256);
+        // Frozen from here: nothing comes back.
+        assert_eq!(c.expire(t0 + PULL_EXPIRES), 0);
+        assert!(!c.probing(t0 + PULL_EXPIRES));
+        assert_eq!(c.want(t0 + 1_500 * MS, 1024), Some(256), "not silent long enough yet");
+        c.sent(t0 + 1_500 * MS, 256);
+        let silent_at = t0 + 750 * MS + PULL_EXPIRES + SILENT;
+        assert!(!c.probing(silent_at - MS));
+        assert!(c.probing(silent_at), "nothing heard since a request sent {:?} ago", PULL_EXPIRES + SILENT);
+        assert!(c.expire(silent_at) >= 2, "the expired requests are written off");
         assert_eq!(c.want(silent_at, 1024), Some(1), "a probe, not a full request");
         c.sent(silent_at, 1);
         assert_eq!(c.want(silent_at + 10 * MS, 1024), Some(1), "half a batch or less outstanding");
         c.sent(silent_at + 10 * MS, 1);
         assert_eq!(c.want(silent_at + 20 * MS, 1024), None, "still at most {MAX_REQUESTS}");
-        // Still silent: written off again, one probe at a time.
-        assert_eq!(c.lapse(silent_at + PULL_EXPIRES + SILENT), Lapse::Silent(2));
         // Thawed: the server is heard, full requests again.
-        c.heard(silent_at + 3_000 * MS);
+        c.heard();
+        c.expire(silent_at + 3_000 * MS);
         assert_eq!(c.want(silent_at + 3_000 * MS, 1024), Some(256));
     }
 
@@ -470,9 +574,12 @@ mod tests {
         let t0 = Instant::now();
         let mut c = Credit::new(256);
         c.sent(t0, 256);
-        c.heard(t0 + MS);
-        assert_eq!(c.next_deadline(true), Some(t0 + PULL_EXPIRES + LATE), "no overlap point while stopping");
-        assert_eq!(c.lapse(t0 + PULL_EXPIRES + LATE), Lapse::WrittenOff(1));
+        c.heard();
+        assert_eq!(c.next_deadline(true), Some(t0 + PULL_EXPIRES), "no overlap point while stopping");
+        assert_eq!(c.expire(t0 + PULL_EXPIRES), 0);
+        assert_eq!(c.requests(), 1, "its 408, or a message sent just before it expired, may still come");
+        assert_eq!(c.next_deadline(true), Some(t0 + PULL_EXPIRES + LATE));
+        assert_eq!(c.expire(t0 + PULL_EXPIRES + LATE), 1);
         assert_eq!(c.requests(), 0);
         assert_eq!(c.next_deadline(true), None);
     }
@@ -488,11 +595,12 @@ mod tests {
     }
 
     #[test]
-    fn messages_beyond_the_credit_are_harmless() {
+    fn messages_and_statuses_beyond_the_credit_are_harmless() {
         let mut c = Credit::new(4);
         c.message();
-        c.ended();
+        c.timed_out();
+        c.terminated();
         assert_eq!(c.outstanding(), 0);
-        assert_eq!(c.lapse(Instant::now()), Lapse::None);
+        assert_eq!(c.expire(Instant::now()), 0);
     }
 }
