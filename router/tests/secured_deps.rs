@@ -18,8 +18,10 @@ const NATS_PASSWORD: &str = "nats-pw-Zq81";
 const REDIS_PASSWORD: &str = "redis-pw-Kx42";
 const NATS_TOKEN: &str = "nats-token-Wm37";
 
-/// Every log line of this test process (each test runs in its own process
-/// under nextest), at debug level, the client libraries' included.
+/// Every log line of this test process, at debug level, the client
+/// libraries' included. One buffer for the process: under nextest each test
+/// has its own process, under `cargo test` the tests share it (and every one
+/// of them asserts that no secret of any appears).
 fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
     #[derive(Clone)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -32,14 +34,19 @@ fn capture_logs() -> Arc<Mutex<Vec<u8>>> {
             Ok(())
         }
     }
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = Sink(buf.clone());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
-        .with_writer(move || sink.clone())
-        .with_ansi(false)
-        .try_init();
-    buf
+    static LOGS: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Sink(buf.clone());
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("debug"))
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .try_init()
+            .expect("no other tracing subscriber in this test binary");
+        buf
+    })
+    .clone()
 }
 
 fn base_config(nats_url: String, redis_address: String) -> Config {
