@@ -168,7 +168,7 @@ async fn pull(
     // One inbox for every binding: what the requests of a binding given up
     // on still bring arrives there and is handled, not lost to ack_wait.
     let mut puller = loop {
-        match Puller::new(nats.clone(), batch_size, ctx.metrics.clone()).await {
+        match Puller::new(nats.clone(), jetstream.clone(), batch_size, ctx.metrics.clone()).await {
             Ok(puller) => break puller,
             Err(e) => {
                 tracing::warn!(error = %e, "could not subscribe the pull inbox; retrying");
@@ -222,7 +222,6 @@ async fn pull(
                     errors_in_row = 0;
                     failures = 0;
                     last_message = Instant::now();
-                    let message = jetstream::Message { message, context: jetstream.clone() };
                     let permit = tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => None,
