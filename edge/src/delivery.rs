@@ -16,7 +16,7 @@ use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::EdgeState;
-use crate::hub::PublishError;
+use crate::hub::{Flush, PublishError};
 
 /// How many recent sequences are remembered per subject: enough for a busy
 /// subject's redeliveries while a dead edge in its route is retried (about
@@ -95,6 +95,9 @@ impl EdgeDelivery for Delivery {
 }
 
 fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
+    // The batch's events go out together when this is dropped: one write
+    // per socket for all of them (decision 0036).
+    let mut flush = Flush::new();
     for event in &batch.events {
         if event.subject == state.canary.subject() {
             state.canary.observe(&event.payload);
@@ -104,7 +107,8 @@ fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
             counter!("dws_grpc_duplicates_total").increment(1);
             continue;
         }
-        match state.hub.publish(&event.subject, event.seq, event.published_unix_nanos, &event.payload) {
+        match state.hub.publish_into(&event.subject, event.seq, event.published_unix_nanos, &event.payload, &mut flush)
+        {
             Ok(_) => {}
             // Retrying cannot fix these: count them and accept the batch.
             Err(PublishError::BadSubject(_)) | Err(PublishError::BadPayload) => {

@@ -6,14 +6,16 @@
 
 use std::cell::OnceCell;
 use std::collections::{HashMap, VecDeque};
+use std::io;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use daisi_common::config::DropPolicy;
 use daisi_common::names::{self, Subject};
 use dashmap::DashMap;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::metrics::EdgeMetrics;
@@ -26,6 +28,9 @@ pub const BURST_GRACE: Duration = Duration::from_millis(250);
 /// Under `drop_oldest`, how far past capacity a burst may grow before drops
 /// start regardless of `BURST_GRACE`.
 pub const BURST_FACTOR: usize = 16;
+/// At most this many frames, or `DIRECT_BYTES`, go into one direct write.
+const DIRECT_FRAMES: usize = 64;
+const DIRECT_BYTES: usize = 64 * 1024;
 
 /// One frame waiting for a socket, with the JetStream publish time of its
 /// event (unix nanoseconds, 0 = none) for the delivery-latency histogram.
@@ -164,6 +169,18 @@ struct Queue {
     gate: Gate,
     /// Only for sockets that connected with `resume` (boxed: idle sockets pay a pointer).
     base: Option<Box<BaseGate>>,
+    /// The socket's connection, for direct writes (decision 0036).
+    tcp: Option<Arc<TcpStream>>,
+    /// The socket's task handed the connection over: its writer is empty,
+    /// and a [`Flush`] may write queued frames straight to `tcp`. Whoever
+    /// writes holds this lock; the task takes the connection back (under
+    /// it) before it writes anything itself.
+    direct: bool,
+    /// The first item is the unwritten rest of a frame a direct write began:
+    /// it must go out next, whole, and is never dropped.
+    started: bool,
+    /// The socket is in a [`Flush`] that has not run yet.
+    touched: bool,
 }
 
 /// The part of a socket that the hub and other components touch.
@@ -181,7 +198,16 @@ impl SocketShared {
         Self {
             id,
             policy,
-            queue: Mutex::new(Queue { items: VecDeque::new(), full_since: None, gate: Gate::None, base: None }),
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                full_since: None,
+                gate: Gate::None,
+                base: None,
+                tcp: None,
+                direct: false,
+                started: false,
+                touched: false,
+            }),
             notify: Notify::new(),
             close: AtomicU8::new(0),
             metrics,
@@ -212,8 +238,9 @@ impl SocketShared {
                     let since = *q.full_since.get_or_insert_with(Instant::now);
                     let hard_cap = self.policy.capacity.saturating_mul(BURST_FACTOR);
                     if q.items.len() >= hard_cap || since.elapsed() >= BURST_GRACE {
-                        while q.items.len() >= self.policy.capacity {
-                            q.items.pop_front();
+                        // The rest of a frame already begun must still go out.
+                        let oldest = usize::from(q.started);
+                        while q.items.len() >= self.policy.capacity && q.items.remove(oldest).is_some() {
                             self.metrics.dropped.increment(1);
                             self.metrics.buffer_used.decrement(1.0);
                         }
@@ -234,8 +261,9 @@ impl SocketShared {
     }
 
     /// Offers an event of a connect-time subject (chats, an admin's scope)
-    /// through the resume gate, if the socket resumed.
-    fn offer_base(&self, subject: &str, seq: u64, out: Outgoing) {
+    /// through the resume gate, if the socket resumed; it goes out when
+    /// `flush` runs.
+    fn offer_base(self: &Arc<Self>, subject: &str, seq: u64, out: Outgoing, flush: &mut Flush) {
         let mut q = self.lock();
         match q.base.as_deref_mut() {
             None => {}
@@ -247,8 +275,15 @@ impl SocketShared {
             Some(BaseGate::Open(_)) => {}
         }
         self.push_locked(&mut q, out);
-        drop(q);
-        self.notify.notify_one();
+        self.touch(&mut q, flush);
+    }
+
+    /// Puts the socket in `flush` once, for what was just queued.
+    fn touch(self: &Arc<Self>, q: &mut Queue, flush: &mut Flush) {
+        if !q.touched {
+            q.touched = true;
+            flush.sockets.push(self.clone());
+        }
     }
 
     /// Starts holding live events of the connect-time subjects (a resuming socket).
@@ -277,8 +312,9 @@ impl SocketShared {
         self.notify.notify_one();
     }
 
-    /// Offers an event of the socket's selected chat subject through the gate.
-    fn offer_selected(&self, subject: &str, seq: u64, out: Outgoing) {
+    /// Offers an event of the socket's selected chat subject through the
+    /// gate; it goes out when `flush` runs.
+    fn offer_selected(self: &Arc<Self>, subject: &str, seq: u64, out: Outgoing, flush: &mut Flush) {
         let mut q = self.lock();
         match &mut q.gate {
             Gate::Pending { subject: s, held } if &**s == subject => {
@@ -295,8 +331,7 @@ impl SocketShared {
             _ => {}
         }
         self.push_locked(&mut q, out);
-        drop(q);
-        self.notify.notify_one();
+        self.touch(&mut q, flush);
     }
 
     /// Starts holding live events of `subject` (a newly selected chat).
@@ -391,6 +426,7 @@ impl SocketShared {
         let mut bytes = 0usize;
         while n < max_items && bytes < max_bytes {
             let Some(out) = q.items.pop_front() else { break };
+            q.started = false;
             bytes = bytes.saturating_add(out.frame.len());
             n += 1;
             take(out);
@@ -409,6 +445,7 @@ impl SocketShared {
     pub fn pop(&self) -> Option<Outgoing> {
         let mut q = self.lock();
         let out = q.items.pop_front();
+        q.started = false;
         if out.is_some() {
             self.metrics.buffer_used.decrement(1.0);
         }
@@ -421,6 +458,126 @@ impl SocketShared {
     /// Whether anything is queued.
     pub fn has_pending(&self) -> bool {
         !self.lock().items.is_empty()
+    }
+
+    /// Gives the hub the socket's connection for direct writes (once, when
+    /// the socket is ready); it is handed over only by [`SocketShared::hand_over`].
+    pub fn attach(&self, tcp: Arc<TcpStream>) {
+        self.lock().tcp = Some(tcp);
+    }
+
+    /// The socket's task, its writer empty, hands the connection over for
+    /// direct writes unless frames wait (then it must write them itself).
+    /// Returns whether frames wait.
+    pub fn hand_over(&self) -> bool {
+        let mut q = self.lock();
+        if !q.items.is_empty() {
+            return true;
+        }
+        q.direct = q.tcp.is_some();
+        false
+    }
+
+    /// The socket's task takes the connection back before it writes
+    /// anything itself: no direct write runs from here on until the next
+    /// [`SocketShared::hand_over`]. Returns the rest of a frame a direct
+    /// write began, which must be the writer's next bytes.
+    pub fn take_back(&self) -> Option<Outgoing> {
+        let mut q = self.lock();
+        q.direct = false;
+        if !q.started {
+            return None;
+        }
+        q.started = false;
+        let rest = q.items.pop_front();
+        if rest.is_some() {
+            self.metrics.buffer_used.decrement(1.0);
+        }
+        rest
+    }
+
+    /// Sends what was queued since the socket was last flushed: straight to
+    /// the connection when the socket's task handed it over (no wake-up,
+    /// one vectored write for all of it), else by waking the task. What the
+    /// kernel does not take at once is left to the task.
+    fn flush(&self, now: &mut i64) {
+        let mut q = self.lock();
+        q.touched = false;
+        if q.items.is_empty() {
+            return;
+        }
+        if q.direct {
+            match self.write_direct(&mut q, now) {
+                Ok(true) => return,
+                Ok(false) => {}
+                // The task's own write meets the same error and ends the socket.
+                Err(e) => tracing::debug!(error = %e, "direct write failed"),
+            }
+            q.direct = false;
+        }
+        drop(q);
+        self.notify.notify_one();
+    }
+
+    /// Writes queued frames to the connection without waiting. `Ok(true)`
+    /// when the queue was emptied.
+    fn write_direct(&self, q: &mut Queue, now: &mut i64) -> io::Result<bool> {
+        let Some(tcp) = q.tcp.clone() else { return Ok(false) };
+        while !q.items.is_empty() {
+            let mut slices = [io::IoSlice::new(&[]); DIRECT_FRAMES];
+            let (mut n, mut offered) = (0, 0usize);
+            for (slot, out) in slices.iter_mut().zip(q.items.iter()) {
+                if offered >= DIRECT_BYTES {
+                    break;
+                }
+                *slot = io::IoSlice::new(&out.frame);
+                offered = offered.saturating_add(out.frame.len());
+                n += 1;
+            }
+            let written = match tcp.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => written,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            self.consume(q, written, now);
+            if written < offered {
+                // The kernel's buffer is full: the task waits for room.
+                return Ok(false);
+            }
+        }
+        if q.items.len() < self.policy.capacity {
+            q.full_since = None;
+        }
+        Ok(true)
+    }
+
+    /// Takes `written` bytes off the front of the queue, counting each
+    /// frame that went out whole.
+    fn consume(&self, q: &mut Queue, mut written: usize, now: &mut i64) {
+        let (mut sent, mut compressed) = (0u64, 0u64);
+        while written > 0 {
+            let Some(front) = q.items.front_mut() else { break };
+            if written < front.frame.len() {
+                front.frame.advance(written);
+                q.started = true;
+                break;
+            }
+            written -= front.frame.len();
+            q.started = false;
+            if let Some(out) = q.items.pop_front() {
+                sent += 1;
+                compressed += u64::from(out.compressed);
+                record_latency(&self.metrics, out.published_unix_nanos, now);
+            }
+        }
+        if sent > 0 {
+            self.metrics.messages_sent.increment(sent);
+            self.metrics.buffer_used.decrement(sent as f64);
+        }
+        if compressed > 0 {
+            self.metrics.compressed_frames.increment(compressed);
+        }
     }
 
     /// When the socket must be closed as too slow if the queue stays over capacity.
@@ -460,7 +617,45 @@ impl SocketShared {
         q.items.clear();
         q.gate = Gate::None;
         q.base = None;
+        q.tcp = None;
+        q.direct = false;
+        q.started = false;
         self.metrics.buffer_used.decrement(n as f64);
+    }
+}
+
+/// Records a frame's publish-to-write latency; `now` is read once per
+/// batch of frames (0: not yet).
+pub fn record_latency(metrics: &EdgeMetrics, published_unix_nanos: i64, now: &mut i64) {
+    if published_unix_nanos > 0 {
+        if *now == 0 {
+            *now = daisi_common::token::unix_now_nanos();
+        }
+        let secs = (*now - published_unix_nanos).max(0) as f64 / 1e9;
+        metrics.delivery_latency.record(secs);
+    }
+}
+
+/// The sockets events were queued to since the last flush. Dropped (when
+/// the batch of events is done, or by a panic unwinding), it sends what
+/// was queued: a socket in a flush that never ran would get nothing more.
+#[derive(Default)]
+pub struct Flush {
+    sockets: Vec<Arc<SocketShared>>,
+}
+
+impl Flush {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Drop for Flush {
+    fn drop(&mut self) {
+        let mut now = 0;
+        for socket in self.sockets.drain(..) {
+            socket.flush(&mut now);
+        }
     }
 }
 
@@ -523,14 +718,29 @@ impl Hub {
         socket.clear();
     }
 
-    /// Fans an event out to the local sockets that want it. Returns how many
-    /// sockets it was queued to.
+    /// Fans an event out to the local sockets that want it and sends it.
+    /// Returns how many sockets it was queued to.
     pub fn publish(
         &self,
         subject: &str,
         seq: u64,
         published_unix_nanos: i64,
         payload: &[u8],
+    ) -> Result<usize, PublishError> {
+        self.publish_into(subject, seq, published_unix_nanos, payload, &mut Flush::new())
+    }
+
+    /// Fans an event out to the local sockets that want it; it is sent when
+    /// `flush` is dropped, with the other events queued meanwhile (one write
+    /// per socket for a router's whole batch). Returns how many sockets it
+    /// was queued to.
+    pub fn publish_into(
+        &self,
+        subject: &str,
+        seq: u64,
+        published_unix_nanos: i64,
+        payload: &[u8],
+        flush: &mut Flush,
     ) -> Result<usize, PublishError> {
         let parsed = Subject::parse(subject).ok_or_else(|| PublishError::BadSubject(subject.to_string()))?;
         let json = protocol::event_frame(subject, seq, payload).ok_or(PublishError::BadPayload)?;
@@ -540,7 +750,7 @@ impl Hub {
             Subject::Chats { .. } => {
                 if let Some(set) = self.subs.get(subject) {
                     for s in set.values() {
-                        s.offer_base(subject, seq, frames.outgoing(s, published_unix_nanos));
+                        s.offer_base(subject, seq, frames.outgoing(s, published_unix_nanos), flush);
                     }
                     n += set.len();
                 }
@@ -548,7 +758,7 @@ impl Hub {
             Subject::Messages { .. } => {
                 if let Some(set) = self.subs.get(subject) {
                     for s in set.values() {
-                        s.offer_selected(subject, seq, frames.outgoing(s, published_unix_nanos));
+                        s.offer_selected(subject, seq, frames.outgoing(s, published_unix_nanos), flush);
                     }
                     n += set.len();
                 }
@@ -557,7 +767,7 @@ impl Hub {
                 for key in names::admin_route_keys(company, agent) {
                     if let Some(set) = self.subs.get(key.as_str()) {
                         for s in set.values() {
-                            s.offer_base(subject, seq, frames.outgoing(s, published_unix_nanos));
+                            s.offer_base(subject, seq, frames.outgoing(s, published_unix_nanos), flush);
                         }
                         n += set.len();
                     }
@@ -597,6 +807,120 @@ mod tests {
 
     fn seqs(s: &SocketShared) -> Vec<u64> {
         std::iter::from_fn(|| s.pop()).map(|o| json_of(&o)["seq"].as_u64().unwrap()).collect()
+    }
+
+    /// A connected pair: the client's stream, and the server side split as
+    /// the edge splits an upgraded socket.
+    async fn tcp_pair() -> (tokio::net::TcpStream, crate::ws::tcp::TcpRead, crate::ws::tcp::TcpWrite) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (rx, tx) = crate::ws::tcp::split(server, Bytes::new());
+        (client, rx, tx)
+    }
+
+    /// What a client reads until the server's FIN: (opcode, payload) per frame.
+    async fn read_frames(mut client: tokio::net::TcpStream) -> Vec<(u8, Vec<u8>)> {
+        use tokio::io::AsyncReadExt;
+        let mut wire = Vec::new();
+        client.read_to_end(&mut wire).await.unwrap();
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            let (op, len7) = (wire[at] & 0x0f, usize::from(wire[at + 1] & 0x7f));
+            let (len, header) = match len7 {
+                126 => (usize::from(u16::from_be_bytes([wire[at + 2], wire[at + 3]])), 4),
+                127 => (u64::from_be_bytes(wire[at + 2..at + 10].try_into().unwrap()) as usize, 10),
+                n => (n, 2),
+            };
+            frames.push((op, wire[at + header..at + header + len].to_vec()));
+            at += header + len;
+        }
+        assert_eq!(at, wire.len(), "the wire ends at a frame's end");
+        frames
+    }
+
+    fn seq_of(payload: &[u8]) -> u64 {
+        serde_json::from_slice::<serde_json::Value>(payload).unwrap()["seq"].as_u64().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_socket_gets_a_batch_straight_from_the_hub_without_a_wake_up() {
+        use futures_util::FutureExt;
+        let hub = hub();
+        let s = hub.new_socket(policy(100, DropPolicy::DropOldest));
+        hub.subscribe("websocket.c.a.chats", &s);
+        let (client, _rx, mut tx) = tcp_pair().await;
+        s.attach(tx.stream().clone());
+        // As in the edge, where the socket's task wrote `ready` first, the
+        // runtime knows the connection is writable.
+        tx.stream().writable().await.unwrap();
+        assert!(!s.hand_over(), "nothing waits: the connection is handed over");
+        let mut flush = Flush::new();
+        for seq in 1..=3 {
+            hub.publish_into("websocket.c.a.chats", seq, 1, b"{}", &mut flush).unwrap();
+        }
+        assert!(s.has_pending(), "nothing is written before the batch is flushed");
+        drop(flush);
+        assert!(!s.has_pending(), "written by the hub");
+        assert!(s.notified().now_or_never().is_none(), "the socket's task was not woken");
+        // Taken back, the socket's task writes its own frames after them.
+        assert!(s.take_back().is_none());
+        hub.publish("websocket.c.a.chats", 4, 0, b"{}").unwrap();
+        assert!(s.notified().now_or_never().is_some(), "taken back: the task is woken to write");
+        assert!(s.has_pending());
+        tokio::io::AsyncWriteExt::shutdown(&mut tx).await.unwrap();
+        let frames = read_frames(client).await;
+        assert_eq!(frames.iter().map(|(_, p)| seq_of(p)).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_direct_write_cut_short_is_finished_first_by_the_task_and_never_dropped() {
+        let hub = hub();
+        let s = hub.new_socket(policy(2, DropPolicy::DropOldest));
+        hub.subscribe("websocket.c.a.chats", &s);
+        let (client, _rx, tx) = tcp_pair().await;
+        socket2::SockRef::from(&**tx.stream()).set_send_buffer_size(4096).unwrap();
+        socket2::SockRef::from(&client).set_recv_buffer_size(4096).unwrap();
+        s.attach(tx.stream().clone());
+        // As in the edge, where the socket's task wrote `ready` first, the
+        // runtime knows the connection is writable.
+        tx.stream().writable().await.unwrap();
+        assert!(!s.hand_over());
+        // Events of 64 KiB until the kernel takes no more: the last direct
+        // write stopped inside a frame, and the task was woken for the rest.
+        let payload = format!(r#"{{"x":"{}"}}"#, "a".repeat(64 * 1024));
+        let mut seq = 0;
+        while !s.has_pending() {
+            seq += 1;
+            assert!(seq < 1000, "the client reads nothing, so the kernel must fill up");
+            hub.publish("websocket.c.a.chats", seq, 0, payload.as_bytes()).unwrap();
+        }
+        // A burst past the hard cap drops the oldest, but never the frame begun.
+        assert!(s.lock().started, "64 KiB frames into 4 KiB buffers: the kernel took part of one");
+        for _ in 0..2 * BURST_FACTOR {
+            seq += 1;
+            hub.publish("websocket.c.a.chats", seq, 0, payload.as_bytes()).unwrap();
+        }
+        // The task takes over: the rest first, then a pong (urgent), then the queue.
+        let rest = s.take_back().expect("the rest of the frame begun");
+        let mut writer = crate::ws::frame::Writer::new(tx);
+        writer.continue_frame(rest.frame);
+        writer.push_urgent(frame::pong(b"p")).unwrap();
+        while s.pop_batch(64, usize::MAX, |o| writer.start(o.frame)) > 0 {}
+        let reading = tokio::spawn(read_frames(client));
+        futures_util::future::poll_fn(|cx| writer.poll_shutdown(cx)).await.unwrap();
+        drop(writer);
+        let frames = reading.await.unwrap();
+        let pong = frames.iter().position(|(op, _)| *op == 0xa).expect("the pong went out");
+        let seqs: Vec<u64> = frames.iter().filter(|(op, _)| *op == 1).map(|(_, p)| seq_of(p)).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+        assert_eq!(seqs.last(), Some(&seq), "the newest survives");
+        assert!(seqs.len() < seq as usize, "the burst dropped some");
+        // The pong waited for the frame that was begun (the wire parsed
+        // whole, so it did not cut into it), and went before the queue.
+        assert!(pong > 0 && frames[pong - 1].0 == 1);
+        assert!(frames[pong + 1..].iter().all(|(_, p)| seq_of(p) > seq_of(&frames[pong - 1].1)));
     }
 
     #[test]

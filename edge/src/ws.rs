@@ -15,6 +15,7 @@
 
 pub mod deflate;
 pub mod frame;
+pub mod tcp;
 pub mod upgrade;
 
 use std::collections::HashMap;
@@ -49,8 +50,8 @@ use upgrade::{NotUpgrade, Socket, WsUpgrade};
 
 type Query_ = Result<Query<HashMap<String, String>>, QueryRejection>;
 type Upgrade = Result<WsUpgrade, NotUpgrade>;
-type Tx = frame::Writer<tokio::io::WriteHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
-type Rx = frame::Reader<tokio::io::ReadHalf<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>>;
+type Tx = frame::Writer<tcp::TcpWrite>;
+type Rx = frame::Reader<tcp::TcpRead>;
 
 /// How long a socket being closed waits for the client's close frame once
 /// its own is written, and the whole close of a socket whose peer is
@@ -431,6 +432,7 @@ async fn connect(socket: Socket, state: Arc<EdgeState>, req: ConnectRequest) -> 
             state.metrics.deflate_sockets.increment(1);
         }
         let shared = state.hub.new_socket(policy);
+        shared.attach(socket.writer.get_ref().stream().clone());
         tracing::Span::current().record("request_id", format!("{}-{}", state.presence.pod_id(), shared.id));
         let last_activity = Arc::new(AtomicU64::new(state.presence.now_secs()));
         let owner = match state.presence.acquire(&session_key, &shared, last_activity.clone()).await {
@@ -667,6 +669,15 @@ impl Bucket {
     }
 }
 
+/// What woke a ready socket's loop.
+enum Wake {
+    Shutdown,
+    Notified,
+    Read(Option<Result<Incoming, FrameError>>),
+    Wrote(io::Result<()>),
+    Timer,
+}
+
 /// A ready socket's state in its loop.
 struct Conn {
     held: Held,
@@ -723,13 +734,7 @@ impl Conn {
         let sent = self.shared().pop_batch(WRITE_BATCH, WRITE_BATCH_BYTES, |out| {
             tx.start(out.frame);
             compressed += u64::from(out.compressed);
-            if out.published_unix_nanos > 0 {
-                if now == 0 {
-                    now = daisi_common::token::unix_now_nanos();
-                }
-                let secs = (now - out.published_unix_nanos).max(0) as f64 / 1e9;
-                metrics.delivery_latency.record(secs);
-            }
+            crate::hub::record_latency(metrics, out.published_unix_nanos, &mut now);
         });
         if sent > 0 {
             metrics.messages_sent.increment(sent as u64);
@@ -738,6 +743,18 @@ impl Conn {
             metrics.compressed_frames.increment(compressed);
         }
         tx.poll_flush_io(cx)
+    }
+
+    /// Takes the connection back from the hub (see [`SocketShared::hand_over`]):
+    /// the rest of a frame a direct write began goes out first.
+    fn take_back(&self, tx: &mut Tx) {
+        if let Some(rest) = self.shared().take_back() {
+            let metrics = &self.state().metrics;
+            tx.continue_frame(rest.frame);
+            metrics.messages_sent.increment(1);
+            metrics.compressed_frames.increment(u64::from(rest.compressed));
+            crate::hub::record_latency(metrics, rest.published_unix_nanos, &mut 0);
+        }
     }
 
     /// Counts one client message or control frame against the rate limit.
@@ -779,15 +796,27 @@ impl Conn {
                 armed = deadline;
                 sleep.as_mut().reset(armed.into());
             }
-            let writing = tx.busy() || self.shared().has_pending();
-            tokio::select! {
+            // An idle writer hands the connection to the hub, which then
+            // writes events straight to it without waking this task
+            // (decision 0036); it is taken back below, before this task
+            // writes anything itself.
+            let writing = tx.busy() || self.shared().hand_over();
+            let wake = tokio::select! {
                 biased;
-                _ = self.state().shutdown.cancelled(), if drain_at.is_none() => {
+                _ = self.state().shutdown.cancelled(), if drain_at.is_none() => Wake::Shutdown,
+                _ = self.shared().notified() => Wake::Notified,
+                msg = rx.next() => Wake::Read(msg),
+                r = poll_fn(|cx| self.poll_write(tx, cx)), if writing => Wake::Wrote(r),
+                _ = &mut sleep => Wake::Timer,
+            };
+            self.take_back(tx);
+            match wake {
+                Wake::Shutdown => {
                     let window = self.state().cfg().server.drain_window_seconds * 1000;
                     drain_at = Some(Instant::now() + Duration::from_millis(daisi_common::deps::jitter_ms(window)));
                 }
-                _ = self.shared().notified() => {}
-                msg = rx.next() => {
+                Wake::Notified => {}
+                Wake::Read(msg) => {
                     last_seen = Instant::now();
                     let msg = match msg {
                         None => return End::Gone,
@@ -804,12 +833,12 @@ impl Conn {
                         return end;
                     }
                 }
-                r = poll_fn(|cx| self.poll_write(tx, cx)), if writing => {
+                Wake::Wrote(r) => {
                     if r.is_err() {
                         return End::Gone;
                     }
                 }
-                _ = &mut sleep => {
+                Wake::Timer => {
                     let now = Instant::now();
                     if drain_at.is_some_and(|t| now >= t) {
                         return End::unresponsive(close::GOING_AWAY, "server going away");

@@ -625,6 +625,21 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         self.stalled_since
     }
 
+    /// The transport.
+    pub fn get_ref(&self) -> &W {
+        &self.io
+    }
+
+    /// Takes the unwritten rest of a frame that another writer began on the
+    /// same transport: it goes out before anything else, urgent frames
+    /// included (a frame cannot be interrupted).
+    pub fn continue_frame(&mut self, rest: Bytes) {
+        if !rest.is_empty() {
+            self.out.push_front(rest);
+            self.started = true;
+        }
+    }
+
     /// Queues `frame` (an event) behind the frames already waiting; it goes
     /// out with them in the next write. Ignored once a close frame is queued.
     pub fn start(&mut self, frame: Bytes) {

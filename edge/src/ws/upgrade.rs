@@ -8,20 +8,19 @@ use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
 
 use super::deflate;
 use super::frame::{Reader, Writer};
-
-type Io = TokioIo<Upgraded>;
+use super::tcp::{self, TcpRead, TcpWrite};
 
 /// An upgraded socket: its reader, its writer, and whether it negotiated
 /// permessage-deflate.
 pub struct Socket {
-    pub reader: Reader<ReadHalf<Io>>,
-    pub writer: Writer<WriteHalf<Io>>,
+    pub reader: Reader<TcpRead>,
+    pub writer: Writer<TcpWrite>,
     pub deflate: bool,
 }
 
@@ -152,7 +151,17 @@ impl WsUpgrade {
                     return;
                 }
             };
-            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            // The edge serves HTTP on plain TCP (`serve_http`), so the
+            // upgraded connection is a `TcpStream`: unwrapped, its reader,
+            // writer and the hub share it without a lock (decision 0036).
+            let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => parts,
+                Err(_) => {
+                    tracing::error!("WebSocket upgrade on a connection that is not plain TCP");
+                    return;
+                }
+            };
+            let (read, write) = tcp::split(parts.io.into_inner(), parts.read_buf);
             callback(Socket { reader: Reader::new(read, deflate, max_message), writer: Writer::new(write), deflate })
                 .await;
         });
