@@ -32,17 +32,26 @@ async fn main() {
     }
     let listener = tokio::net::TcpListener::bind(&addr).await.expect("bind");
     println!("listening on {}", listener.local_addr().expect("address"));
-    // TCP_NODELAY, as the edge sets on every socket.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
     let app = Router::new().fallback(any(|upgrade: Result<WsUpgrade, ws::upgrade::NotUpgrade>| async move {
         match upgrade {
             Ok(upgrade) => upgrade.on_upgrade(true, MAX_MESSAGE, echo),
             Err(refused) => axum::response::IntoResponse::into_response(refused),
         }
     }));
-    axum::serve(listener, app).await.expect("serve");
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    // HTTP/1.1 on plain TCP with TCP_NODELAY, as the edge serves it
+    // (`serve_http`): the upgraded connection is the `TcpStream` itself.
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else { continue };
+        let _ = tcp.set_nodelay(true);
+        let service = service.clone();
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .with_upgrades();
+            let _ = conn.await;
+        });
+    }
 }
 
 async fn echo(socket: Socket) {
