@@ -30,6 +30,8 @@ pub struct TcpWrite {
 /// Splits an upgraded connection into its reader and writer halves.
 pub fn split(tcp: TcpStream, pre: Bytes) -> (TcpRead, TcpWrite) {
     let tcp = Arc::new(tcp);
+    // Even empty, hyper's bytes keep its whole read buffer (kilobytes) alive.
+    let pre = if pre.is_empty() { Bytes::new() } else { pre };
     (TcpRead { tcp: tcp.clone(), pre }, TcpWrite { tcp })
 }
 
@@ -47,6 +49,9 @@ impl AsyncRead for TcpRead {
             let n = this.pre.len().min(buf.remaining());
             buf.put_slice(&this.pre[..n]);
             this.pre.advance(n);
+            if this.pre.is_empty() {
+                this.pre = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         loop {
@@ -124,6 +129,33 @@ mod tests {
         let mut got = Vec::new();
         rx.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, b"early late");
+    }
+
+    #[tokio::test]
+    async fn keeps_no_part_of_the_http_servers_buffer() {
+        // hyper hands over what it read past the request as a piece of its
+        // read buffer; an idle socket must not keep that buffer alive.
+        let shared = |piece: &[u8]| {
+            let mut buf = bytes::BytesMut::with_capacity(8192);
+            buf.extend_from_slice(b"GET / HTTP/1.1\r\n\r\n");
+            buf.extend_from_slice(piece);
+            let head = buf.split_to(18).freeze();
+            (head, buf.freeze())
+        };
+        let (_c1, server) = pair().await;
+        let (head, pre) = shared(b"");
+        let (_rx, _tx) = split(server, pre);
+        assert!(head.is_unique(), "nothing pre-read: the buffer is let go at once");
+        let (mut client, server) = pair().await;
+        let (head, pre) = shared(b"early");
+        let (mut rx, _tx) = split(server, pre);
+        let mut got = [0u8; 5];
+        rx.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"early");
+        assert!(head.is_unique(), "the pre-read bytes consumed: the buffer is let go");
+        client.write_all(b"!").await.unwrap();
+        rx.read_exact(&mut got[..1]).await.unwrap();
+        assert_eq!(&got[..1], b"!");
     }
 
     #[tokio::test]
