@@ -96,7 +96,7 @@ impl EdgeDelivery for Delivery {
 
 fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
     // The batch's events go out together when this is dropped: one write
-    // per socket for all of them (decision 0036).
+    // per socket for all of them.
     let mut flush = Flush::new();
     for event in &batch.events {
         if event.subject == state.canary.subject() {
@@ -118,6 +118,13 @@ fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
         }
     }
     counter!("dws_grpc_messages_received_total").increment(batch.events.len() as u64);
+    // The ack goes out first and the writes follow in a task of their own,
+    // as when every socket's task wrote its queue: written before the
+    // router has the ack, an event is redelivered to wherever its sockets
+    // reconnect if this edge dies in between (decision 0036).
+    if !flush.is_empty() {
+        tokio::spawn(async move { drop(flush) });
+    }
     BatchAck { batch_id: batch.batch_id, accepted: true, error: String::new() }
 }
 

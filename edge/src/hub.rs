@@ -648,6 +648,11 @@ impl Flush {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// Whether no socket has anything to send.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
 }
 
 impl Drop for Flush {
