@@ -36,6 +36,8 @@ run fanout-100x1000   fanout --sockets 100 --subjects 1 --rate 1000 --duration 1
 run fanout-100x500    fanout --sockets 100 --subjects 1 --rate 500 --duration 10
 run fanout-100x4000   fanout --sockets 100 --subjects 1 --rate 4000 --duration 8 --peer nats-ws
 run fanout-100x8000   fanout --sockets 100 --subjects 1 --rate 8000 --duration 8 --peer nats-ws
+# The same with two load-client processes: one client process is the bottleneck at 8,000/s.
+run fanout-100x8000-2w fanout --sockets 100 --subjects 1 --rate 8000 --duration 8 --workers 2 --peer nats-ws
 run broadcast-19000   fanout --sockets 19000 --subjects 1 --rate 1 --duration 30 --peer nats-ws
 run broadcast-2x9500  fanout --sockets 19000 --subjects 1 --rate 1 --duration 30 --stack-edges 2
 run routed-30000      routed --users 10000 --rate 30000 --duration 10

@@ -500,14 +500,17 @@ impl SocketShared {
     /// the connection when the socket's task handed it over (no wake-up,
     /// one vectored write for all of it), else by waking the task. What the
     /// kernel does not take at once is left to the task.
-    fn flush(&self, now: &mut i64) {
+    fn flush(&self) {
+        // The clock is read once per socket, at its write (a flush to
+        // thousands of sockets takes a while).
+        let mut now = 0;
         let mut q = self.lock();
         q.touched = false;
         if q.items.is_empty() {
             return;
         }
         if q.direct {
-            match self.write_direct(&mut q, now) {
+            match self.write_direct(&mut q, &mut now) {
                 Ok(true) => return,
                 Ok(false) => {}
                 // The task's own write meets the same error and ends the socket.
@@ -625,7 +628,7 @@ impl SocketShared {
 }
 
 /// Records a frame's publish-to-write latency; `now` is read once per
-/// batch of frames (0: not yet).
+/// socket's batch of frames (0: not yet).
 pub fn record_latency(metrics: &EdgeMetrics, published_unix_nanos: i64, now: &mut i64) {
     if published_unix_nanos > 0 {
         if *now == 0 {
@@ -657,9 +660,8 @@ impl Flush {
 
 impl Drop for Flush {
     fn drop(&mut self) {
-        let mut now = 0;
         for socket in self.sockets.drain(..) {
-            socket.flush(&mut now);
+            socket.flush();
         }
     }
 }
