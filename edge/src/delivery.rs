@@ -123,7 +123,7 @@ fn accept(state: &EdgeState, dedup: &Dedup, batch: EventBatch) -> BatchAck {
     // router has the ack, an event is redelivered to wherever its sockets
     // reconnect if this edge dies in between (decision 0036).
     if !flush.is_empty() {
-        tokio::spawn(async move { drop(flush) });
+        tokio::spawn(flush.send());
     }
     BatchAck { batch_id: batch.batch_id, accepted: true, error: String::new() }
 }
