@@ -452,3 +452,46 @@ async fn a_protocol_error_with_input_still_arriving_ends_with_the_close_frame_an
     let end = tokio::time::timeout(T, raw.stream.read_to_end(&mut rest)).await.expect("the edge closes");
     assert!(end.is_ok(), "the connection ended with a reset: {end:?}");
 }
+
+/// The hub writes events straight to a socket whose writer is idle; the
+/// socket's own task writes pongs. With more than the kernel buffers hold
+/// (a peer reading nothing for a while), direct writes are cut short
+/// mid-frame and the pongs queue up: the wire must still be whole frames,
+/// every event once and in order, and every ping answered in order.
+#[tokio::test]
+async fn events_written_by_the_hub_and_pongs_of_the_socket_never_cut_into_each_other() {
+    let s = Servers::start();
+    let mut cfg = s.config();
+    cfg.app.websocket_message_buffer_size = 1000;
+    let edge = RunningEdge::start(cfg).await;
+    let mut c = Raw::connect(edge.addr(), &user_path("c1", "a1", "u1"), Some(4096)).await;
+    assert_eq!(c.json().await["type"], "ready");
+    // 4 MiB of events: more than the edge's send buffer and the client's receive buffer.
+    let payload = format!(r#"{{"blob":"{}"}}"#, "z".repeat(64 * 1024));
+    let events = 64u64;
+    for seq in 1..=events {
+        assert_eq!(edge.publish("websocket.c1.a1.chats", seq, &payload), 1);
+        if seq % 8 == 0 {
+            c.send(&Raw::frame(0x89, format!("ping {seq}").as_bytes())).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let (mut seqs, mut pongs) = (Vec::new(), Vec::new());
+    while seqs.len() < events as usize || pongs.len() < (events / 8) as usize {
+        // `next` parses every frame: a frame cut into by another fails here.
+        let f = c.next(T).await.expect("the edge keeps the socket open");
+        match f.opcode {
+            0x1 => {
+                let v: serde_json::Value = serde_json::from_slice(&f.payload).expect("a whole JSON event");
+                assert_eq!(v["payload"]["blob"].as_str().map(str::len), Some(64 * 1024));
+                seqs.push(v["seq"].as_u64().unwrap());
+            }
+            0xa => pongs.push(String::from_utf8(f.payload).unwrap()),
+            0x9 => {}
+            op => panic!("unexpected opcode {op:#x}"),
+        }
+    }
+    assert_eq!(seqs, (1..=events).collect::<Vec<_>>(), "every event once, in order");
+    let pinged: Vec<String> = (8..=events).step_by(8).map(|seq| format!("ping {seq}")).collect();
+    assert_eq!(pongs, pinged, "every ping answered, in order");
+}

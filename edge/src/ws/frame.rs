@@ -558,6 +558,9 @@ pub struct Writer<W> {
     out: VecDeque<Bytes>,
     /// The first frame of `out` is partly written: nothing may go before it.
     started: bool,
+    /// How many urgent frames wait at the front of `out` (after a partly
+    /// written one): later urgent frames go behind them, in order.
+    urgent_ahead: usize,
     /// Frames to write before any event not yet begun, oldest first (no allocation while empty).
     urgent: VecDeque<Bytes>,
     /// Since when the peer has accepted no byte of a frame that is waiting.
@@ -573,7 +576,15 @@ pub struct Backlogged;
 
 impl<W: AsyncWrite + Unpin> Writer<W> {
     pub fn new(io: W) -> Self {
-        Self { io, out: VecDeque::new(), started: false, urgent: VecDeque::new(), stalled_since: None, closing: false }
+        Self {
+            io,
+            out: VecDeque::new(),
+            started: false,
+            urgent_ahead: 0,
+            urgent: VecDeque::new(),
+            stalled_since: None,
+            closing: false,
+        }
     }
 
     /// Queues a frame to go out before any other not yet started. Fails
@@ -652,11 +663,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     /// begun. Ready once nothing is left to write.
     pub fn poll_urgent(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.urgent.is_empty() {
-            // After the frame being written (a frame cannot be interrupted),
-            // before everything else.
-            let at = usize::from(self.started).min(self.out.len());
+            // After the frame being written (a frame cannot be interrupted)
+            // and the urgent frames already waiting, before everything else.
+            let at = (usize::from(self.started) + self.urgent_ahead).min(self.out.len());
             for (i, frame) in self.urgent.drain(..).enumerate() {
                 self.out.insert(at + i, frame);
+                self.urgent_ahead += 1;
             }
             // Keep no capacity once drained.
             self.urgent = VecDeque::new();
@@ -691,6 +703,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
         // Drop the references to the (possibly shared) frames and the capacity.
         self.out = VecDeque::new();
         self.started = false;
+        self.urgent_ahead = 0;
         Poll::Ready(Ok(()))
     }
 
@@ -698,6 +711,12 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
     fn consume(&mut self, mut written: usize) {
         while written > 0 {
             let Some(front) = self.out.front_mut() else { return };
+            // The front is the frame begun, else the first urgent frame
+            // waiting, if any: either way it leaves the urgent ones' count.
+            let urgent = !self.started && self.urgent_ahead > 0;
+            if urgent {
+                self.urgent_ahead -= 1;
+            }
             if written >= front.len() {
                 written -= front.len();
                 self.out.pop_front();
@@ -965,6 +984,22 @@ mod tests {
         assert_eq!(reader.incomplete_since(), None);
     }
 
+    /// Lets the writer finish and shut down while the peer reads everything.
+    async fn shut_down_and_read(
+        w: &mut Writer<tokio::io::DuplexStream>,
+        mut client: tokio::io::DuplexStream,
+    ) -> Vec<u8> {
+        let write = futures_util::future::poll_fn(|cx| w.poll_shutdown(cx));
+        let read = async move {
+            let mut all = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut all).await.unwrap();
+            all
+        };
+        let (written, all) = tokio::join!(write, read);
+        written.unwrap();
+        all
+    }
+
     #[tokio::test]
     async fn urgent_frames_go_out_between_frames_and_never_wait() {
         let (client, server) = tokio::io::duplex(64);
@@ -983,15 +1018,7 @@ mod tests {
         w.push_close(close(1000, ""));
         w.push_urgent(text(b"after close")).unwrap();
         assert!(w.closing());
-        let write = futures_util::future::poll_fn(|cx| w.poll_shutdown(cx));
-        let read = async move {
-            let mut all = Vec::new();
-            let mut client = client;
-            tokio::io::AsyncReadExt::read_to_end(&mut client, &mut all).await.unwrap();
-            all
-        };
-        let (written, all) = tokio::join!(write, read);
-        written.unwrap();
+        let all = shut_down_and_read(&mut w, client).await;
         let mut expected = big.to_vec();
         for i in 0..3u8 {
             expected.extend_from_slice(&pong(&[i]));
@@ -999,6 +1026,31 @@ mod tests {
         expected.extend_from_slice(&text(b"reply"));
         expected.extend_from_slice(&close(1000, ""));
         assert_eq!(all, expected, "the event in progress, then the urgent frames in order, nothing after the close");
+    }
+
+    #[tokio::test]
+    async fn urgent_frames_queued_at_different_times_keep_their_order() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut w = Writer::new(server);
+        let events = [text(&[b'e'; 500]), text(&[b'f'; 500])];
+        for e in &events {
+            w.start(e.clone());
+        }
+        // The first event is begun; two pongs move behind it while the peer reads nothing.
+        assert!(futures_util::future::poll_fn(|cx| Poll::Ready(w.poll_urgent(cx))).await.is_pending());
+        w.push_pong(b"1").unwrap();
+        w.push_pong(b"2").unwrap();
+        assert!(futures_util::future::poll_fn(|cx| Poll::Ready(w.poll_urgent(cx))).await.is_pending());
+        // A later pong goes behind them, not ahead: pongs answer pings in order.
+        w.push_pong(b"3").unwrap();
+        assert!(futures_util::future::poll_fn(|cx| Poll::Ready(w.poll_urgent(cx))).await.is_pending());
+        let all = shut_down_and_read(&mut w, client).await;
+        let mut expected = events[0].to_vec();
+        for p in [b"1", b"2", b"3"] {
+            expected.extend_from_slice(&pong(p));
+        }
+        expected.extend_from_slice(&events[1]);
+        assert_eq!(all, expected);
     }
 
     /// Records each write call the writer makes.
