@@ -799,7 +799,8 @@ impl Conn {
             // An idle writer hands the connection to the hub, which then
             // writes events straight to it without waking this task
             // (decision 0036); it is taken back below, before this task
-            // writes anything itself.
+            // writes anything itself. Only a handed-over connection can
+            // have been written to meanwhile.
             let writing = tx.busy() || self.shared().hand_over();
             let wake = tokio::select! {
                 biased;
@@ -809,7 +810,9 @@ impl Conn {
                 r = poll_fn(|cx| self.poll_write(tx, cx)), if writing => Wake::Wrote(r),
                 _ = &mut sleep => Wake::Timer,
             };
-            self.take_back(tx);
+            if !writing {
+                self.take_back(tx);
+            }
             match wake {
                 Wake::Shutdown => {
                     let window = self.state().cfg().server.drain_window_seconds * 1000;

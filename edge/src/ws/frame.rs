@@ -713,8 +713,7 @@ impl<W: AsyncWrite + Unpin> Writer<W> {
             let Some(front) = self.out.front_mut() else { return };
             // The front is the frame begun, else the first urgent frame
             // waiting, if any: either way it leaves the urgent ones' count.
-            let urgent = !self.started && self.urgent_ahead > 0;
-            if urgent {
+            if !self.started && self.urgent_ahead > 0 {
                 self.urgent_ahead -= 1;
             }
             if written >= front.len() {
